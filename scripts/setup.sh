@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Idempotent developer / CI setup for cove.
+#
+#   - installs the Debian packages cove needs (only when something is missing)
+#   - makes sure the Debian default PostgreSQL cluster is not left running by
+#     the install (tests start their own throwaway server, see scripts/pg.sh)
+#   - creates .venv and installs the project editable with its [dev] extras
+#     (skipped when .venv/.cove-installed is newer than pyproject.toml)
+#
+# Safe to run repeatedly, from any directory, with CI=true and no stdin.
+set -euo pipefail
+
+# Debian packages needed by cove. Later work adds e.g. bubblewrap, skopeo,
+# umoci, docker-registry, qemu-system-x86 here.
+APT_PACKAGES=(
+  postgresql
+  tmux
+  curl
+  ca-certificates
+)
+
+cd "$(dirname "$0")/.."
+REPO_ROOT="$(pwd)"
+VENV="$REPO_ROOT/.venv"
+STAMP="$VENV/.cove-installed"
+
+export DEBIAN_FRONTEND=noninteractive
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_NO_INPUT=1
+
+log() { printf '==> %s\n' "$*"; }
+
+# Run a command as root (directly if we are root, else via non-interactive sudo).
+as_root() {
+  if [[ "$(id -u)" -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo -n "$@"
+  else
+    echo "error: need root (or passwordless sudo) to run: $*" >&2
+    return 1
+  fi
+}
+
+pkg_installed() {
+  local status
+  status="$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)"
+  [[ "$status" == *" ok installed" ]]
+}
+
+apt_install() {
+  log "installing apt packages: $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q -o Dpkg::Use-Pty=0 --no-install-recommends "$@" </dev/null
+}
+
+# The postgresql package's postinst creates and starts a "main" cluster.
+# Tests use their own throwaway server, so stop whatever the install started.
+stop_system_postgres() {
+  log "stopping the Debian default PostgreSQL cluster(s) started by the install"
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl stop postgresql.service </dev/null >/dev/null 2>&1 || true
+  fi
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    local ver name _port status _rest
+    while read -r ver name _port status _rest; do
+      if [[ "$status" == online* ]]; then
+        log "stopping PostgreSQL cluster $ver/$name"
+        as_root pg_ctlcluster "$ver" "$name" stop </dev/null || true
+      fi
+    done < <(pg_lsclusters --no-header 2>/dev/null || true)
+  fi
+}
+
+# --- apt packages ------------------------------------------------------------
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  pkg_installed "$pkg" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  apt_install "${missing[@]}"
+  for pkg in "${missing[@]}"; do
+    if [[ "$pkg" == postgresql* ]]; then
+      stop_system_postgres
+      break
+    fi
+  done
+else
+  log "apt packages already installed: ${APT_PACKAGES[*]}"
+fi
+
+# --- virtualenv ----------------------------------------------------------------
+if [[ -x "$VENV/bin/python" ]]; then
+  log "virtualenv already exists: $VENV"
+else
+  log "creating virtualenv: $VENV"
+  if ! python3 -m venv "$VENV"; then
+    log "python3 -m venv failed (no ensurepip?); installing python3-venv and retrying"
+    rm -rf "$VENV"
+    apt_install python3-venv
+    python3 -m venv "$VENV"
+  fi
+fi
+
+# --- python dependencies -------------------------------------------------------
+if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml ]]; then
+  log "python dependencies up to date ($STAMP newer than pyproject.toml)"
+else
+  log "upgrading pip in $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip </dev/null
+  log "installing cove editable with [dev] extras into $VENV"
+  "$VENV/bin/pip" install -q -e '.[dev]' </dev/null
+  touch "$STAMP"
+fi
+
+log "setup complete"

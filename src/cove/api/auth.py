@@ -1,0 +1,207 @@
+"""Who is calling: principals from bearer tokens, and which orgs they may see.
+
+A member of one org can neither read, change nor detect another org's resources: every
+read is filtered by the principal's scope, and anything outside it answers the same 404
+as something absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from cove import errors, security
+from cove.ids import new_id
+from cove.model.resource import now_iso
+from cove.store import Store, Tx
+from cove.store import schema as t
+from cove.store.db import Scope
+
+SESSION_DAYS = 30
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # "user" | "node"
+    token_id: str
+    token_kind: str  # session | api | node
+    user_id: str | None = None
+    email: str | None = None
+    node_id: str | None = None
+    roles: tuple[tuple[str, str], ...] = ()  # (org_id, role) the principal may act in
+
+    @property
+    def org_ids(self) -> frozenset[str]:
+        return frozenset(o for o, _ in self.roles)
+
+    def role_in(self, org_id: str) -> str | None:
+        for o, r in self.roles:
+            if o == org_id:
+                return r
+        return None
+
+    def scope(self) -> Scope:
+        return Scope(self.org_ids, cluster=True)
+
+
+def _parse_ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def authenticate(store: Store, authorization: str | None) -> Principal:
+    if not authorization:
+        raise errors.Unauthenticated(
+            "this call needs a token", hint="sign in with `cove auth login` or pass a token"
+        )
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 200:
+        raise errors.Unauthenticated(
+            "the Authorization header must be 'Bearer <token>'",
+            hint="sign in again with `cove auth login`",
+        )
+    h = security.hash_token(token)
+    with store.read() as conn:
+        row = conn.execute(sa.select(t.tokens).where(t.tokens.c.token_hash == h)).mappings().first()
+        if row is None or row["revoked_at"] is not None:
+            raise errors.Unauthenticated(
+                "the token is not valid (unknown, revoked or signed out)",
+                hint="sign in again with `cove auth login`",
+            )
+        if row["expires_at"] and _parse_ts(row["expires_at"]) < datetime.now(UTC):
+            raise errors.Unauthenticated(
+                "the token has expired", hint="sign in again with `cove auth login`"
+            )
+        if row["kind"] == "node":
+            return Principal("node", row["id"], "node", node_id=row["node_id"])
+        user = (
+            conn.execute(sa.select(t.users).where(t.users.c.id == row["user_id"])).mappings().one()
+        )
+        mq = sa.select(t.memberships.c.org_id, t.memberships.c.role).where(
+            t.memberships.c.user_id == row["user_id"]
+        )
+        if row["org_id"]:
+            mq = mq.where(t.memberships.c.org_id == row["org_id"])
+        roles = tuple((str(o), str(r)) for o, r in conn.execute(mq))
+    if row["last_used_at"] is None or (
+        datetime.now(UTC) - _parse_ts(row["last_used_at"]) > timedelta(minutes=1)
+    ):
+        with store.engine.begin() as conn2:
+            conn2.execute(
+                sa.update(t.tokens).where(t.tokens.c.id == row["id"]).values(last_used_at=now_iso())
+            )
+    return Principal(
+        "user",
+        row["id"],
+        row["kind"],
+        user_id=row["user_id"],
+        email=user["email"],
+        roles=roles,
+    )
+
+
+def create_user(tx: Tx, email: str, password: str) -> dict[str, Any]:
+    email = email.strip().lower()
+    exists = tx.conn.execute(sa.select(t.users.c.id).where(t.users.c.email == email)).first()
+    if exists:
+        raise errors.Conflict(
+            f"an account for {email} already exists",
+            hint="sign in with `cove auth login`",
+            code="already_exists",
+        )
+    uid = new_id("usr")
+    tx.conn.execute(
+        sa.insert(t.users).values(
+            id=uid,
+            email=email,
+            password_hash=security.hash_password(password),
+            created_at=now_iso(),
+        )
+    )
+    return {"id": uid, "email": email}
+
+
+def add_member(tx: Tx, user_id: str, org_id: str, role: str) -> None:
+    tx.conn.execute(
+        sa.insert(t.memberships).values(
+            user_id=user_id, org_id=org_id, role=role, created_at=now_iso()
+        )
+    )
+
+
+def issue_token(
+    tx: Tx,
+    kind: str,
+    *,
+    name: str,
+    user_id: str | None = None,
+    org_id: str | None = None,
+    node_id: str | None = None,
+    expires_days: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    token = security.new_token(kind)
+    tid = new_id("tok")
+    now = datetime.now(UTC)
+    expires = (
+        (now + timedelta(days=expires_days)).isoformat(timespec="seconds").replace("+00:00", "Z")
+        if expires_days
+        else None
+    )
+    values = {
+        "id": tid,
+        "token_hash": security.hash_token(token),
+        "kind": kind,
+        "name": name,
+        "user_id": user_id,
+        "org_id": org_id,
+        "node_id": node_id,
+        "created_at": now_iso(),
+        "expires_at": expires,
+        "last_used_at": None,
+        "revoked_at": None,
+    }
+    tx.conn.execute(sa.insert(t.tokens).values(**values))
+    return token, token_view(values)
+
+
+def token_view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "org": row["org_id"],
+        "created_at": row["created_at"],
+        "expires_at": row["expires_at"],
+        "last_used_at": row["last_used_at"],
+        "revoked_at": row["revoked_at"],
+    }
+
+
+def check_login(store: Store, email: str, password: str) -> dict[str, Any]:
+    with store.read() as conn:
+        user = (
+            conn.execute(sa.select(t.users).where(t.users.c.email == email.strip().lower()))
+            .mappings()
+            .first()
+        )
+    stored = user["password_hash"] if user else security.DUMMY_PASSWORD_HASH
+    ok = security.verify_password(password, stored)
+    if user is None or not ok:
+        raise errors.Unauthenticated(
+            "wrong email or password", hint="check both, or sign up with `cove auth signup`"
+        )
+    return {"id": user["id"], "email": user["email"]}
+
+
+def user_orgs(store: Store, user_id: str) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(
+            sa.select(t.memberships.c.org_id, t.memberships.c.role, t.resources.c.name)
+            .join(t.resources, t.resources.c.id == t.memberships.c.org_id)
+            .where(t.memberships.c.user_id == user_id)
+            .order_by(t.resources.c.name)
+        ).all()
+    return [{"id": r[0], "role": r[1], "name": r[2]} for r in rows]

@@ -1,0 +1,110 @@
+"""Mutations as the API performs them: each one writes the change, an operation (the
+receipt) and an event in one transaction, so a crash leaves either all or nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cove import errors
+from cove.api.auth import Principal
+from cove.model.kinds import get_kind
+from cove.store import Tx
+
+ENVIRONMENTS = ("prod", "staging", "dev")
+
+
+def ref(res: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": res["kind"], "id": res["id"], "name": res["name"]}
+
+
+def start_operation(
+    tx: Tx, action: str, target: dict[str, Any], who: Principal | None
+) -> dict[str, Any]:
+    requested_by = (who.email or who.node_id) if who else "cove"
+    return tx.create(
+        "operation",
+        None,
+        parent=target["id"],
+        spec={
+            "action": action,
+            "target": ref(target),
+            "target_generation": target["metadata"]["generation"],
+            "requested_by": requested_by,
+        },
+        status={"state": "pending", "message": f"{action} {target['kind']} {target['name']}"},
+    )
+
+
+def receipt(op: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    plural = get_kind(target["kind"]).plural
+    return {
+        "operation": op["id"],
+        "action": op["spec"]["action"],
+        "state": op["status"]["state"],
+        "resource": ref(target),
+        "generation": target["metadata"]["generation"],
+        "revision": max(target["metadata"]["revision"], op["metadata"]["revision"]),
+        "links": {
+            "operation": f"/v1/operations/{op['id']}",
+            "wait": f"/v1/operations/{op['id']}/wait?for=done",
+            "resource": f"/v1/{plural}/{target['id']}",
+            "events": f"/v1/{plural}/{target['id']}/events",
+        },
+    }
+
+
+def create_resource(
+    tx: Tx,
+    who: Principal,
+    kind: str,
+    name: str,
+    *,
+    parent: str | None,
+    spec: dict[str, Any],
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    res = tx.create(kind, name, parent=parent, spec=spec, labels=labels)
+    tx.event(res, "Normal", "Created", f"{kind} {name} created by {who.email or who.node_id}")
+    if kind == "app":
+        for env in ENVIRONMENTS:
+            e = tx.create("environment", env, parent=res["id"], spec={"scale": {}})
+            tx.event(e, "Normal", "Created", f"environment {env} created with app {name}")
+    op = start_operation(tx, "create", res, who)
+    return receipt(op, res)
+
+
+def update_resource(
+    tx: Tx,
+    who: Principal,
+    res: dict[str, Any],
+    *,
+    spec: dict[str, Any] | None,
+    labels: dict[str, str] | None,
+    expected_revision: int | None,
+) -> dict[str, Any]:
+    if res["metadata"]["deleting"]:
+        raise errors.Conflict(
+            f"{res['kind']} {res['name']} is being deleted", hint="wait for the deletion to finish"
+        )
+    new = tx.update(res["id"], spec=spec, labels=labels, expected_revision=expected_revision)
+    changed = []
+    if new["metadata"]["generation"] != res["metadata"]["generation"]:
+        changed.append(f"spec (generation {new['metadata']['generation']})")
+    if new["labels"] != res["labels"]:
+        changed.append("labels")
+    tx.event(
+        new,
+        "Normal",
+        "Updated",
+        f"{', '.join(changed) or 'nothing'} changed by {who.email or who.node_id}",
+    )
+    op = start_operation(tx, "update", new, who)
+    return receipt(op, new)
+
+
+def delete_resource(tx: Tx, who: Principal, res: dict[str, Any]) -> dict[str, Any]:
+    new = tx.update(res["id"], deleting=True)
+    if not res["metadata"]["deleting"]:
+        tx.event(new, "Normal", "Deleting", f"deletion requested by {who.email or who.node_id}")
+    op = start_operation(tx, "delete", new, who)
+    return receipt(op, new)

@@ -1,0 +1,1 @@
+"""The ``cove`` command line (Typer + Rich)."""

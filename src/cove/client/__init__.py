@@ -1,0 +1,5 @@
+"""Typed HTTP client for the cove API, used by the CLI, the agent and the console."""
+
+from cove.client.http import Client
+
+__all__ = ["Client"]

@@ -1,0 +1,121 @@
+"""A thin, typed wrapper over httpx: JSON in, JSON out, problem+json turned into CoveError."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from cove import errors
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        headers = {"User-Agent": "cove-cli"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _params(params: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (params or {}).items() if v is not None}
+
+    def _unreachable(self, exc: Exception) -> errors.CoveError:
+        return errors.Transient(
+            f"can't reach the cove API at {self.base_url} ({type(exc).__name__})",
+            hint="is cove running? start it with `cove up`, or set --api-url / COVE_API_URL",
+            code="unreachable",
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        try:
+            resp = self._http.request(
+                method,
+                path,
+                params=self._params(params),
+                json=json_body,
+                headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        return self._decode(resp)
+
+    @staticmethod
+    def _decode(resp: httpx.Response) -> Any:
+        if resp.status_code >= 400:
+            try:
+                doc = resp.json()
+            except ValueError:
+                doc = {"detail": resp.text[:500] or resp.reason_phrase}
+            if not isinstance(doc, dict):
+                doc = {"detail": str(doc)}
+            raise errors.from_problem(doc, resp.status_code)
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise errors.Permanent(
+                f"the API answered something that is not JSON: {resp.text[:200]!r}"
+            ) from exc
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None, **params: Any) -> Any:
+        return self.request("POST", path, params=params, json_body=body)
+
+    def patch(self, path: str, body: Any = None, **params: Any) -> Any:
+        return self.request("PATCH", path, params=params, json_body=body)
+
+    def delete(self, path: str, **params: Any) -> Any:
+        return self.request("DELETE", path, params=params)
+
+    def list_all(self, path: str, **params: Any) -> list[dict[str, Any]]:
+        """Every item of a paginated list."""
+        out: list[dict[str, Any]] = []
+        after = None
+        while True:
+            page = self.get(path, **params, after=after, limit=1000)
+            out.extend(page["items"])
+            after = page.get("next")
+            if not after:
+                return out
+
+    def stream_lines(
+        self, path: str, *, params: dict[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """NDJSON documents from a streaming endpoint (blank keep-alive lines skipped)."""
+        try:
+            with self._http.stream("GET", path, params=self._params(params), timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._decode(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc

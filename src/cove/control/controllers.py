@@ -1,0 +1,286 @@
+"""The foundation's controllers.
+
+- ``StatusController``: org, project, app, environment, endpoint, volume: converge status
+  to the spec (``observed_generation``, the Ready condition) and, for apps, make sure the
+  environments prod, staging and dev exist.
+- ``GarbageCollector``: resources marked deleting: delete children first, then the row.
+- ``OperationController``: settle receipts: succeeded when the target caught up and is
+  Ready (or is gone, for deletes), failed when it failed for good or ran out of time.
+- ``NodeController``: a node whose heartbeats stop is marked NotReady.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from cove.model.kinds import get_kind
+from cove.model.resource import get_condition, now_iso, set_condition
+from cove.store import Store, Tx
+
+ENVIRONMENTS = ("prod", "staging", "dev")
+
+
+def _age(ts: str | None, now: datetime) -> float | None:
+    if not ts:
+        return None
+    return (now - datetime.fromisoformat(ts.replace("Z", "+00:00"))).total_seconds()
+
+
+def _ready_event(tx: Tx, res: dict[str, Any], before: dict[str, Any] | None) -> None:
+    """An event whenever Ready changes (status or reason)."""
+    after = get_condition(res["status"], "Ready")
+    if after is None:
+        return
+    if before is not None and (before.get("status"), before.get("reason")) == (
+        after.get("status"),
+        after.get("reason"),
+    ):
+        return
+    etype = "Normal" if after["status"] == "true" else "Warning"
+    if after["status"] != "true" and after["reason"] in ("WaitingForNode", "NothingDeployed"):
+        etype = "Normal"
+    tx.event(res, etype, after["reason"], after.get("message") or f"Ready={after['status']}")
+
+
+class StatusController:
+    name = "status"
+    kinds = ("org", "project", "app", "environment", "endpoint", "volume")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def reconcile(self, key: str) -> float | None:
+        with self.store.write() as tx:
+            res = tx.get(key, for_update=True)
+            if res is None or res["metadata"]["deleting"]:
+                return None
+            status = dict(res["status"])
+            before = get_condition(status, "Ready")
+            kind = res["kind"]
+            if kind == "app":
+                have = {e["name"] for e in tx.children(key, kinds=("environment",))}
+                for env in ENVIRONMENTS:
+                    if env not in have:
+                        e = tx.create("environment", env, parent=key, spec={"scale": {}})
+                        tx.event(e, "Normal", "Created", f"environment {env} restored")
+                set_condition(
+                    status, "Ready", "true", "EnvironmentsReady", "prod, staging and dev exist"
+                )
+            elif kind == "environment":
+                if res["spec"].get("release"):
+                    set_condition(
+                        status,
+                        "Ready",
+                        "false",
+                        "AwaitingRollout",
+                        "a release is desired; no node agent runs workloads yet",
+                    )
+                else:
+                    set_condition(
+                        status, "Ready", "true", "NothingDeployed", "no release deployed yet"
+                    )
+                status.setdefault("release", None)
+            elif kind in ("endpoint", "volume"):
+                what = (
+                    "allocates endpoint addresses" if kind == "endpoint" else "provisions volumes"
+                )
+                set_condition(
+                    status,
+                    "Ready",
+                    "false",
+                    "WaitingForNode",
+                    f"accepted; no node agent on this cluster {what} yet",
+                )
+            else:
+                set_condition(status, "Ready", "true", "Reconciled", f"{kind} is in place")
+            status["observed_generation"] = res["metadata"]["generation"]
+            if status != res["status"]:
+                new = tx.update(key, status=status, expected_revision=res["metadata"]["revision"])
+                _ready_event(tx, new, before)
+        return None
+
+
+class GarbageCollector:
+    name = "gc"
+    kinds = (
+        "org",
+        "project",
+        "app",
+        "environment",
+        "endpoint",
+        "volume",
+        "release",
+        "workload",
+        "instance",
+        "secret",
+    )
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def reconcile(self, key: str) -> float | None:
+        with self.store.write() as tx:
+            res = tx.get(key, for_update=True)
+            if res is None or not res["metadata"]["deleting"]:
+                return None
+            children = [c for c in tx.children(key) if c["kind"] not in ("operation", "event")]
+            if children:
+                for c in children:
+                    if not c["metadata"]["deleting"]:
+                        tx.update(c["id"], deleting=True)
+                        tx.event(
+                            c, "Normal", "Deleting", f"{res['kind']} {res['name']} is being deleted"
+                        )
+                return 0.5
+            tx.event(res, "Normal", "Deleted", f"{res['kind']} {res['name']} deleted")
+            if res["kind"] == "org":
+                import sqlalchemy as sa
+
+                from cove.store import schema as t
+
+                tx.conn.execute(sa.delete(t.memberships).where(t.memberships.c.org_id == key))
+                tx.conn.execute(
+                    sa.update(t.tokens)
+                    .where(t.tokens.c.org_id == key, t.tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=now_iso())
+                )
+            tx.delete(key)
+        return None
+
+
+class OperationController:
+    name = "operations"
+    kinds = ("operation",)
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        deadline: float = 600.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.deadline = deadline
+        self.clock = clock
+
+    def reconcile(self, key: str) -> float | None:
+        with self.store.write() as tx:
+            op = tx.get(key, for_update=True)
+            if op is None or op["status"].get("state") in ("succeeded", "failed"):
+                return None
+            spec = op["spec"]
+            target = tx.get(spec["target"]["id"])
+            action = spec["action"]
+            state, message = "running", op["status"].get("message", "")
+            if action == "delete":
+                if target is None:
+                    state, message = (
+                        "succeeded",
+                        f"{spec['target']['kind']} {spec['target']['name']} deleted",
+                    )
+            elif target is None:
+                state, message = "failed", "the resource was deleted before it settled"
+            else:
+                failed = get_condition(target["status"], "Failed")
+                ready = get_condition(target["status"], "Ready")
+                observed = target["status"].get("observed_generation") or 0
+                if failed and failed["status"] == "true":
+                    state, message = "failed", f"{failed['reason']}: {failed.get('message', '')}"
+                elif observed >= spec["target_generation"]:
+                    if ready and ready["status"] == "true":
+                        state, message = "succeeded", ready.get("message") or "ready"
+                    elif ready and ready.get("reason") in ("WaitingForNode", "AwaitingRollout"):
+                        # accepted and recorded; the rest is up to nodes that come later
+                        state, message = "succeeded", f"accepted: {ready.get('message', '')}"
+                    else:
+                        message = ready.get("message", "") if ready else "waiting for status"
+            age = _age(op["metadata"]["created_at"], self.clock()) or 0.0
+            if state == "running" and age > self.deadline:
+                state, message = "failed", f"did not settle within {self.deadline:g}s: {message}"
+            st = dict(op["status"], state=state, message=message)
+            if state in ("succeeded", "failed"):
+                st["finished_at"] = now_iso()
+                set_condition(
+                    st,
+                    "Ready",
+                    "true" if state == "succeeded" else "false",
+                    state.capitalize(),
+                    message,
+                )
+                if state == "failed":
+                    set_condition(st, "Failed", "true", "OperationFailed", message)
+            st["observed_generation"] = op["metadata"]["generation"]
+            if st != op["status"]:
+                new = tx.update(key, status=st)
+                if state in ("succeeded", "failed"):
+                    tx.event(
+                        new,
+                        "Normal" if state == "succeeded" else "Warning",
+                        state.capitalize(),
+                        f"{action} {spec['target']['kind']} {spec['target']['name']}: {message}",
+                    )
+        return None if state in ("succeeded", "failed") else 0.5
+
+
+class NodeController:
+    name = "nodes"
+    kinds = ("node",)
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        grace: float = 15.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.grace = grace
+        self.clock = clock
+
+    def reconcile(self, key: str) -> float | None:
+        with self.store.write() as tx:
+            node = tx.get(key, for_update=True)
+            if node is None:
+                return None
+            status = dict(node["status"])
+            before = get_condition(status, "Ready")
+            age = _age(status.get("last_heartbeat"), self.clock())
+            if age is None:
+                set_condition(
+                    status, "Ready", "unknown", "NoHeartbeat", "the agent has not reported yet"
+                )
+            elif age > self.grace:
+                set_condition(status, "Ready", "false", "NodeLost", f"no heartbeat for {int(age)}s")
+            else:
+                set_condition(
+                    status, "Ready", "true", "HeartbeatsArriving", "the agent reports on time"
+                )
+            if node["spec"].get("cordoned"):
+                set_condition(status, "Schedulable", "false", "Cordoned", "cordoned by an operator")
+            elif status.get("driver") in (None, "none"):
+                set_condition(
+                    status,
+                    "Schedulable",
+                    "false",
+                    "NoRuntime",
+                    "the agent has no runtime driver yet, so nothing is placed here",
+                )
+            else:
+                set_condition(status, "Schedulable", "true", "Ready", "accepts instances")
+            status["observed_generation"] = node["metadata"]["generation"]
+            if status != node["status"]:
+                new = tx.update(key, status=status)
+                _ready_event(tx, new, before)
+        return 5.0
+
+
+def foundation_controllers(store: Store) -> list[Any]:
+    _ = get_kind
+    return [
+        StatusController(store),
+        GarbageCollector(store),
+        OperationController(store),
+        NodeController(store),
+    ]

@@ -1,0 +1,184 @@
+"""The reconcile framework (ARCHITECTURE §3).
+
+Event handlers only map a change to a key and enqueue it; workers take a key, run one
+reconcile, forget it on success, requeue it with exponential backoff on error. One worker
+per key at a time. A reconcile returns ``None`` (done) or seconds after which to look again;
+it never sleeps waiting for something.
+
+The manager watches the store's revision: every write after the last seen revision
+enqueues the written resource (and its parent) to the controllers of those kinds, and a
+periodic resync enqueues everything, so a missed wake-up costs latency, never correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from cove import errors
+from cove.model.kinds import kind_by_prefix
+from cove.store import Store
+from cove.store.notify import RevisionNotifier
+
+log = logging.getLogger("cove.control")
+
+
+class Controller(Protocol):
+    name: str
+    kinds: tuple[str, ...]
+
+    def reconcile(self, key: str) -> float | None: ...
+
+
+class WorkQueue:
+    """Dedups keys; never hands out a key that a worker holds; delays with a heap."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._ready: list[str] = []
+        self._queued: set[str] = set()
+        self._processing: set[str] = set()
+        self._dirty: set[str] = set()  # re-added while processing: run again after
+        self._delayed: list[tuple[float, str]] = []
+        self._failures: dict[str, int] = {}
+        self._event = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._queued) + len(self._delayed)
+
+    def add(self, key: str) -> None:
+        if key in self._processing:
+            self._dirty.add(key)
+            return
+        if key not in self._queued:
+            self._queued.add(key)
+            self._ready.append(key)
+            self._event.set()
+
+    def add_after(self, key: str, delay: float) -> None:
+        if delay <= 0:
+            self.add(key)
+            return
+        heapq.heappush(self._delayed, (self._clock() + delay, key))
+        self._event.set()
+
+    def backoff(self, key: str, base: float = 0.05, cap: float = 30.0) -> float:
+        n = self._failures.get(key, 0)
+        self._failures[key] = n + 1
+        return float(min(cap, base * (2**n)))
+
+    def forget(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+    def _promote(self) -> float | None:
+        now = self._clock()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, key = heapq.heappop(self._delayed)
+            self.add(key)
+        return self._delayed[0][0] - now if self._delayed else None
+
+    async def get(self) -> str:
+        while True:
+            wait = self._promote()
+            if self._ready:
+                key = self._ready.pop(0)
+                self._queued.discard(key)
+                self._processing.add(key)
+                return key
+            self._event.clear()
+            try:
+                await asyncio.wait_for(
+                    self._event.wait(), timeout=wait if wait is not None else 1.0
+                )
+            except TimeoutError:
+                pass
+
+    def done(self, key: str) -> None:
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+
+class Manager:
+    def __init__(
+        self,
+        store: Store,
+        controllers: list[Controller],
+        notifier: RevisionNotifier,
+        *,
+        workers: int = 2,
+        resync: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.controllers = controllers
+        self.notifier = notifier
+        self.workers = workers
+        self.resync = resync
+        self.queues = {c.name: WorkQueue() for c in controllers}
+        self._by_kind: dict[str, list[Controller]] = {}
+        for c in controllers:
+            for k in c.kinds:
+                self._by_kind.setdefault(k, []).append(c)
+        self.revision = 0
+
+    def enqueue(self, kind: str, key: str) -> None:
+        for c in self._by_kind.get(kind, []):
+            self.queues[c.name].add(key)
+
+    async def run(self) -> None:
+        """Run until cancelled. Every task started here is owned and awaited here."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch())
+            for c in self.controllers:
+                for i in range(self.workers):
+                    tg.create_task(self._work(c, i))
+
+    async def _watch(self) -> None:
+        last_resync = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_resync > self.resync:
+                    self.revision = await asyncio.to_thread(self.store.head_revision)
+                    for kind in self._by_kind:
+                        for rid in await asyncio.to_thread(self.store.ids_of_kind, kind):
+                            self.enqueue(kind, rid)
+                    last_resync = time.monotonic()
+                changes = await asyncio.to_thread(self.store.changes_since, self.revision)
+                for ch in changes:
+                    self.revision = max(self.revision, int(ch["revision"]))
+                    self.enqueue(ch["kind"], ch["id"])
+                    if ch["parent_id"]:
+                        k = kind_by_prefix(ch["parent_id"].split("_", 1)[0])
+                        if k is not None:
+                            self.enqueue(k.name, ch["parent_id"])
+                if len(changes) >= 1000:
+                    continue
+            except errors.Transient:
+                log.warning("store unavailable; retrying")
+            except Exception:
+                log.exception("watch failed; retrying")
+            await self.notifier.wait(max(self.revision, self.notifier.revision), 1.0)
+
+    async def _work(self, c: Controller, _i: int) -> None:
+        q = self.queues[c.name]
+        while True:
+            key = await q.get()
+            try:
+                after = await asyncio.to_thread(c.reconcile, key)
+            except errors.Conflict:
+                q.add_after(key, q.backoff(key, base=0.01, cap=1.0))
+            except Exception as exc:
+                delay = q.backoff(key)
+                log.warning("%s: reconcile %s failed (%s); retry in %.2fs", c.name, key, exc, delay)
+                q.add_after(key, delay)
+            else:
+                q.forget(key)
+                if after is not None:
+                    q.add_after(key, after)
+            finally:
+                q.done(key)

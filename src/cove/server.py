@@ -1,0 +1,115 @@
+"""``cove server``: the control plane process — API plus the controller manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from cove import security
+from cove.api import create_app
+from cove.control.controllers import foundation_controllers
+from cove.control.manager import Manager
+from cove.store import Store
+from cove.store.notify import RevisionNotifier
+
+log = logging.getLogger("cove.server")
+
+
+def database_url(data_dir: Path) -> str:
+    return os.environ.get("COVE_DATABASE_URL") or f"sqlite:///{data_dir / 'cove.db'}"
+
+
+def ensure_join_token(store: Store, data_dir: Path) -> Path:
+    """The cluster's join token: stored hashed; the secret sits in DATA/join-token (0600)."""
+    path = data_dir / "join-token"
+    if store.setting("join_token_hash") is not None and path.exists():
+        return path
+    token = security.new_token("join")
+    with store.write() as tx:
+        tx.set_setting("join_token_hash", security.hash_token(token))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def serve(
+    data_dir: Path,
+    host: str,
+    port: int,
+    *,
+    url_file: Path | None = None,
+    controllers: bool = True,
+    access_log: bool = False,
+) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(database_url(data_dir))
+    store.migrate()
+    ensure_join_token(store, data_dir)
+    notifier = RevisionNotifier()
+    app = create_app(store, notifier)
+    sock = bind(host, port)
+    actual = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{actual}"
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=3,
+        ws="websockets-sansio",
+    )
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        manager = Manager(store, foundation_controllers(store), notifier)
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(server.serve(sockets=[sock]))
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.02)
+            log.info("cove API listening on %s (store: %s)", url, store.dialect)
+            if url_file is not None:
+                tmp = url_file.with_suffix(".tmp")
+                tmp.write_text(url + "\n")
+                tmp.replace(url_file)
+            ctl = tg.create_task(manager.run()) if controllers else None
+            await serving
+            if ctl is not None:
+                ctl.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ctl
+
+    try:
+        asyncio.run(main())
+    finally:
+        if url_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                url_file.unlink()
+        store.close()
+        _ = signal

@@ -1,0 +1,125 @@
+"""Tables. The migration in ``migrations/versions`` creates exactly these; a test keeps the
+two in step (``alembic check`` semantics)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+revision_counter = Table(
+    "revision_counter",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("kind", String(20), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("parent_kind", String(20), nullable=True),
+    Column("parent_id", String(40), nullable=True),
+    Column("parent_name", String(64), nullable=True),
+    # '' for top-level resources, so the unique constraint below also covers them
+    Column("parent_key", String(40), nullable=False),
+    # ancestry, denormalised so any kind can be listed by org/project/app/environment
+    Column("org_id", String(40), nullable=True),
+    Column("project_id", String(40), nullable=True),
+    Column("app_id", String(40), nullable=True),
+    Column("env_id", String(40), nullable=True),
+    Column("labels", JSON, nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("status", JSON, nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("deleting", Boolean, nullable=False, default=False),
+    UniqueConstraint("kind", "parent_key", "name", name="uq_resources_kind_parent_name"),
+)
+Index("ix_resources_revision", resources.c.revision)
+Index("ix_resources_kind_org", resources.c.kind, resources.c.org_id, resources.c.id)
+Index("ix_resources_parent", resources.c.parent_id)
+Index("ix_resources_env", resources.c.env_id)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("dedup_key", String(64), nullable=False, unique=True),
+    Column("object_kind", String(20), nullable=False),
+    Column("object_id", String(40), nullable=False),
+    Column("object_name", String(64), nullable=False),
+    Column("org_id", String(40), nullable=True),
+    Column("project_id", String(40), nullable=True),
+    Column("app_id", String(40), nullable=True),
+    Column("env_id", String(40), nullable=True),
+    Column("type", String(10), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("first_seen", String(32), nullable=False),
+    Column("last_seen", String(32), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+)
+Index("ix_events_revision", events.c.revision)
+Index("ix_events_object", events.c.object_id, events.c.revision)
+Index("ix_events_org_revision", events.c.org_id, events.c.revision)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("email", String(254), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("user_id", String(40), primary_key=True),
+    Column("org_id", String(40), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+Index("ix_memberships_org", memberships.c.org_id)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("kind", String(10), nullable=False),  # session | api | node
+    Column("name", String(64), nullable=False),
+    Column("user_id", String(40), nullable=True),
+    Column("org_id", String(40), nullable=True),
+    Column("node_id", String(40), nullable=True),
+    Column("created_at", String(32), nullable=False),
+    Column("expires_at", String(32), nullable=True),
+    Column("last_used_at", String(32), nullable=True),
+    Column("revoked_at", String(32), nullable=True),
+)
+Index("ix_tokens_user", tokens.c.user_id)
+
+cluster_settings = Table(
+    "cluster_settings",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
