@@ -1250,8 +1250,11 @@ def _register_kind(
                 res = api.lookup(who, kind, ref, org, project, app_, env)
                 org_id = _org_id(store, res)
                 api.require_member(who, org_id, owner=kind.name == "org")
-                if kind.scope == "cluster" and who.kind != "user":
-                    raise errors.Forbidden("not allowed")
+                if kind.scope == "cluster" and not who.operator:
+                    raise errors.Forbidden(
+                        f"only the cluster operator can change {kind.plural}",
+                        hint="the operator is the first account signed up on this cluster",
+                    )
                 expected = data.get("revision")
                 if if_match is not None:
                     try:

@@ -21,6 +21,8 @@ from cove.store import schema as t
 from cove.store.db import Scope
 
 SESSION_DAYS = 30
+# the cluster operator: the first account signed up on a cluster (it changes nodes)
+OPERATOR_SETTING = "operator_user_id"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Principal:
     email: str | None = None
     node_id: str | None = None
     roles: tuple[tuple[str, str], ...] = ()  # (org_id, role) the principal may act in
+    operator: bool = False  # may change cluster resources (nodes)
 
     @property
     def org_ids(self) -> frozenset[str]:
@@ -86,11 +89,19 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
         if row["org_id"]:
             mq = mq.where(t.memberships.c.org_id == row["org_id"])
         roles = tuple((str(o), str(r)) for o, r in conn.execute(mq))
+        operator = (
+            conn.execute(
+                sa.select(t.cluster_settings.c.value).where(
+                    t.cluster_settings.c.key == OPERATOR_SETTING
+                )
+            ).scalar()
+            == row["user_id"]
+        )
     if row["last_used_at"] is None or (
         datetime.now(UTC) - _parse_ts(row["last_used_at"]) > timedelta(minutes=1)
     ):
-        with store.engine.begin() as conn2:
-            conn2.execute(
+        with store.write() as tx:  # no revision: token bookkeeping is not a resource
+            tx.conn.execute(
                 sa.update(t.tokens).where(t.tokens.c.id == row["id"]).values(last_used_at=now_iso())
             )
     return Principal(
@@ -100,6 +111,7 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
         user_id=row["user_id"],
         email=user["email"],
         roles=roles,
+        operator=operator,
     )
 
 
@@ -113,6 +125,8 @@ def create_user(tx: Tx, email: str, password: str) -> dict[str, Any]:
             code="already_exists",
         )
     uid = new_id("usr")
+    if tx.conn.execute(sa.select(t.users.c.id).limit(1)).first() is None:
+        tx.set_setting(OPERATOR_SETTING, uid)
     tx.conn.execute(
         sa.insert(t.users).values(
             id=uid,

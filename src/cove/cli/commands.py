@@ -682,12 +682,15 @@ def register(app: typer.Typer) -> None:
         "node": _node_verbs,
     }
     for kind in KINDS:
-        g = typer.Typer(help=f"{kind.plural.capitalize()}: {kind.summary}.", no_args_is_help=True)
+        g = typer.Typer(
+            help=f"{kind.plural.capitalize()}: {kind.summary}.",
+            no_args_is_help=kind.name != "event",
+        )
         _add_generic(g, kind)
         if kind.name in extra:
             extra[kind.name](g)
         if kind.name == "event":
-            continue  # `cove events` is the top-level stream below
+            events_group = g  # `cove events` alone streams; see its callback below
         app.add_typer(g, name=kind.plural)
         for alias in kind.aliases:
             app.add_typer(g, name=alias, hidden=True)
@@ -714,8 +717,13 @@ def register(app: typer.Typer) -> None:
         else:
             output.document(cur, fmt)
 
-    @app.command("events", help="Events across what you can see (-f to follow, --for to narrow).")
+    @events_group.callback(
+        invoke_without_command=True,
+        help="Events across what you can see (-f to follow, --for to narrow); "
+        "or list/describe/events of single events.",
+    )
     def events(
+        tctx: typer.Context,
         follow: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming")] = False,
         for_: Annotated[str | None, typer.Option("--for", help="KIND/NAME or an ID")] = None,
         since: Annotated[int, typer.Option("--since", help="resume after this revision")] = 0,
@@ -726,6 +734,8 @@ def register(app: typer.Typer) -> None:
         fmt: OutputOpt = Format.table,
         api_url: ApiUrlOpt = None,
     ) -> None:
+        if tctx.invoked_subcommand is not None:
+            return
         client, ctx = session(api_url=api_url)
         params: dict[str, Any] = {
             "org": org or ctx.org,

@@ -1,0 +1,78 @@
+"""Import layering (CONVENTIONS: lower layers never import higher ones; the CLI and the
+agent reach the server only through the client). Parsed from the source, so a lazy
+import inside a function counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "cove"
+
+# package -> cove modules it may import (prefixes)
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "model": ("cove.model", "cove.errors", "cove.ids"),
+    "store": ("cove.store", "cove.model", "cove.errors", "cove.ids"),
+    "control": ("cove.control", "cove.store", "cove.model", "cove.errors", "cove.ids"),
+    "api": (
+        "cove.api",
+        "cove.store",
+        "cove.model",
+        "cove.errors",
+        "cove.ids",
+        "cove.deferred",
+        "cove.security",
+        "cove.__version__",
+    ),
+    "client": ("cove.client", "cove.errors"),
+    "agent": ("cove.agent", "cove.client", "cove.errors", "cove.model", "cove.__version__"),
+    "cli": (
+        "cove.cli",
+        "cove.client",
+        "cove.errors",
+        "cove.model",
+        "cove.ids",
+        "cove.deferred",
+    ),
+}
+# process entry points: `cove server` / `cove agent` start those processes
+ENTRY_POINTS = {("cli", "up.py"): ("cove.server", "cove.agent")}
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "cove":
+            out.extend(f"cove.{a.name}" for a in node.names)  # from cove import errors
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+    return [m for m in out if m == "cove" or m.startswith("cove.")]
+
+
+def _allowed(mod: str, prefixes: tuple[str, ...]) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_layering(package: str) -> None:
+    files = sorted((SRC / package).rglob("*.py"))
+    assert files, f"no sources under {package}"
+    bad = []
+    for f in files:
+        extra = ENTRY_POINTS.get((package, f.name), ())
+        for mod in _imports(f):
+            if not _allowed(mod, ALLOWED[package] + extra):
+                bad.append(f"{f.relative_to(SRC)} imports {mod}")
+    assert not bad, "layering violations:\n" + "\n".join(bad)
+
+
+def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
+    f = tmp_path / "x.py"
+    f.write_text("def f():\n    from cove.api import app\n")
+    assert _imports(f) == ["cove.api"]
+    assert not _allowed("cove.api", ALLOWED["store"])
