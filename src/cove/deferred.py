@@ -194,13 +194,3 @@ def for_route(path: str) -> Deferred | None:
 def for_cli(command: str) -> Deferred:
     """The entry for a CLI flag or command (``"endpoints create --hostname"``)."""
     return _BY_CLI[command]
-
-
-def check_spec(kind: str, spec: object) -> None:
-    """Raise NotInV1 when *spec* (raw JSON) reaches for a deferred field of *kind*."""
-    if not isinstance(spec, dict):
-        return
-    for key in spec:
-        d = for_field(kind, f"spec.{key}")
-        if d is not None:
-            raise d.error(f"{kind} field spec.{key}")

@@ -42,7 +42,7 @@ DUMMY_PASSWORD_HASH = hash_password(secrets.token_hex(8))
 
 
 def new_token(kind: str) -> str:
-    """``cove_s_…`` session, ``cove_t_…`` API token, ``cove_n_…`` node, ``cove_j_…`` join."""
+    """``cove_s_…`` session, ``cove_a_…`` API token, ``cove_n_…`` node, ``cove_j_…`` join."""
     return f"cove_{kind[0]}_{secrets.token_urlsafe(32)}"
 
 

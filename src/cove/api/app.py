@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cove import __version__, deferred, errors
 from cove.api import auth, problems, service
 from cove.ids import looks_like_id
-from cove.model.kinds import KINDS, Kind, get_kind, kind_by_prefix
+from cove.model.kinds import KINDS, Kind, get_kind, kind_by_name, kind_by_prefix
 from cove.model.resource import Resource, get_condition, is_caught_up
 from cove.model.specs import LABEL_KEY_RE, NAME_RE, NAME_RULE
 from cove.store import Store
@@ -115,7 +115,9 @@ async def _send_413(send: Send) -> None:
 # ----------------------------------------------------------------------------- models
 
 
-def _check_labels(v: dict[str, str]) -> dict[str, str]:
+def _check_labels(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is None:  # PATCH: labels left as they are
+        return v
     if len(v) > 64:
         raise ValueError("at most 64 labels")
     for key, value in v.items():
@@ -727,6 +729,7 @@ def create_app(store: Store, notifier: RevisionNotifier | None = None) -> FastAP
                     tx.event(
                         node, "Normal", "Reregistered", f"node {body.name} rejoined ({body.driver})"
                     )
+                auth.revoke_node_tokens(tx, node["id"])  # a rejoin replaces the old credentials
                 token, _ = auth.issue_token(tx, "node", name=body.name, node_id=node["id"])
             return {"node": node, "token": token}
 
@@ -838,8 +841,12 @@ def _register_deferred_route(app: FastAPI, route: str, d: deferred.Deferred) -> 
     async def not_in_v1(request: Request) -> JSONResponse:
         return problems.problem_response(d.error(f"{request.method} {request.url.path}"))
 
-    app.add_api_route(
-        route, not_in_v1, methods=["GET", "POST"], tags=["deferred"], include_in_schema=False
+    app.add_api_route(  # every method: whatever a user tries there, they get the why
+        route,
+        not_in_v1,
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        tags=["deferred"],
+        include_in_schema=False,
     )
 
 
@@ -906,7 +913,7 @@ def _event_filter(
     object_id = None
     if for_:
         kname, _, ref = for_.partition("/")
-        k = get_kind(kname) if kname in {k.name for k in KINDS} else None
+        k = kind_by_name(kname)  # singular, plural or alias: for=app/web, for=apps/web
         if k is None and looks_like_id(for_):
             k = kind_by_prefix(for_.split("_", 1)[0])
             ref = for_
@@ -1140,7 +1147,12 @@ def _register_kind(
         evaluate(
             {"kind": kind.name, "status": {}, "metadata": {}}, for_
         ) if for_ != "deleted" else None
-        res = await run_in_threadpool(api.lookup, who, kind, ref, org, project, app_, env)
+        try:
+            res = await run_in_threadpool(api.lookup, who, kind, ref, org, project, app_, env)
+        except errors.NotFound:
+            if for_ == "deleted":  # already gone: the wait is over (absent and not yours
+                return None  # answer alike, so this tells nothing about other orgs)
+            raise
         rid = res["id"]
         deadline = time.monotonic() + limit_s
         scope = who.scope()
@@ -1250,7 +1262,7 @@ def _register_kind(
                 res = api.lookup(who, kind, ref, org, project, app_, env)
                 org_id = _org_id(store, res)
                 api.require_member(who, org_id, owner=kind.name == "org")
-                if kind.scope == "cluster" and not who.operator:
+                if kind.scope == "cluster" and not (who.operator and who.token_kind == "session"):
                     raise errors.Forbidden(
                         f"only the cluster operator can change {kind.plural}",
                         hint="the operator is the first account signed up on this cluster",
@@ -1261,18 +1273,25 @@ def _register_kind(
                         expected = int(if_match.strip('"'))
                     except ValueError as exc:
                         raise errors.UserError("If-Match must be a revision number") from exc
-                spec = None
-                if data.get("spec") is not None:
-                    merged = dict(res["spec"], **{k: v for k, v in data["spec"].items()})
-                    spec = kind.spec_model.model_validate(merged).model_dump(mode="json")
                 with store.write() as tx:
+                    # merge onto the row as it is inside the write transaction, and write
+                    # only if it is still that row: a concurrent change is never reverted
+                    cur = tx.get(res["id"], for_update=True)
+                    if cur is None:
+                        raise errors.NotFound(f"no {kind.title} {ref}")
+                    spec = None
+                    if data.get("spec") is not None:
+                        merged = dict(cur["spec"], **data["spec"])
+                        spec = kind.spec_model.model_validate(merged).model_dump(mode="json")
                     return service.update_resource(
                         tx,
                         who,
-                        res,
+                        cur,
                         spec=spec,
                         labels=data.get("labels"),
-                        expected_revision=expected,
+                        expected_revision=(
+                            expected if expected is not None else cur["metadata"]["revision"]
+                        ),
                     )
 
             return accepted(await run_in_threadpool(run))
@@ -1299,13 +1318,16 @@ def _register_kind(
             def run() -> dict[str, Any]:
                 res = api.lookup(who, kind, ref, org, project, app_, env)
                 api.require_member(who, _org_id(store, res), owner=kind.name in ("org", "project"))
+                expected = None
+                if if_match is not None:
+                    try:
+                        expected = int(if_match.strip('"'))
+                    except ValueError as exc:
+                        raise errors.UserError("If-Match must be a revision number") from exc
                 with store.write() as tx:
-                    if if_match is not None and str(res["metadata"]["revision"]) != if_match.strip(
-                        '"'
-                    ):
-                        raise errors.Conflict(
-                            "the resource changed since you read it", code="stale_revision"
-                        )
-                    return service.delete_resource(tx, who, res)
+                    cur = tx.get(res["id"], for_update=True)
+                    if cur is None:
+                        raise errors.NotFound(f"no {kind.title} {ref}")
+                    return service.delete_resource(tx, who, cur, expected_revision=expected)
 
             return accepted(await run_in_threadpool(run))

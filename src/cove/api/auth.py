@@ -181,6 +181,14 @@ def issue_token(
     return token, token_view(values)
 
 
+def revoke_node_tokens(tx: Tx, node_id: str) -> None:
+    tx.conn.execute(
+        sa.update(t.tokens)
+        .where(t.tokens.c.node_id == node_id, t.tokens.c.revoked_at.is_(None))
+        .values(revoked_at=now_iso())
+    )
+
+
 def token_view(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],

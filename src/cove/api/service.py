@@ -102,8 +102,10 @@ def update_resource(
     return receipt(op, new)
 
 
-def delete_resource(tx: Tx, who: Principal, res: dict[str, Any]) -> dict[str, Any]:
-    new = tx.update(res["id"], deleting=True)
+def delete_resource(
+    tx: Tx, who: Principal, res: dict[str, Any], *, expected_revision: int | None = None
+) -> dict[str, Any]:
+    new = tx.update(res["id"], deleting=True, expected_revision=expected_revision)
     if not res["metadata"]["deleting"]:
         tx.event(new, "Normal", "Deleting", f"deletion requested by {who.email or who.node_id}")
     op = start_operation(tx, "delete", new, who)

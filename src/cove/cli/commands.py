@@ -185,9 +185,12 @@ def _auth_group() -> typer.Typer:
 
     @g.command("signup", help="Create an account and its first org, and sign in.")
     def signup(
-        email: Annotated[str | None, typer.Option("--email")] = None,
+        email: Annotated[
+            str | None, typer.Option("--email", help="email address of the new account")
+        ] = None,
         password: Annotated[
-            str | None, typer.Option("--password", help="prompted when omitted on a TTY")
+            str | None,
+            typer.Option("--password", help="prompted when omitted on a TTY; or COVE_PASSWORD"),
         ] = None,
         org: Annotated[str | None, typer.Option("--org", help="name of your first org")] = None,
         fmt: OutputOpt = Format.table,
@@ -219,8 +222,11 @@ def _auth_group() -> typer.Typer:
 
     @g.command("login", help="Sign in with email and password (SSO is not in v1).")
     def login(
-        email: Annotated[str | None, typer.Option("--email")] = None,
-        password: Annotated[str | None, typer.Option("--password")] = None,
+        email: Annotated[str | None, typer.Option("--email", help="your account's email")] = None,
+        password: Annotated[
+            str | None,
+            typer.Option("--password", help="prompted when omitted on a TTY; or COVE_PASSWORD"),
+        ] = None,
         sso: Annotated[bool, typer.Option("--sso", help="not in v1", hidden=True)] = False,
         fmt: OutputOpt = Format.table,
         api_url: ApiUrlOpt = None,
@@ -322,7 +328,10 @@ def _tokens_group() -> typer.Typer:
     def create(
         name: Annotated[str, typer.Argument(help="a name to recognise it by")],
         org: OrgOpt = None,
-        expires_in_days: Annotated[int | None, typer.Option("--expires-in-days")] = None,
+        expires_in_days: Annotated[
+            int | None,
+            typer.Option("--expires-in-days", help="days until it expires (default: never)"),
+        ] = None,
         fmt: OutputOpt = Format.table,
         api_url: ApiUrlOpt = None,
     ) -> None:
@@ -363,7 +372,7 @@ def _tokens_group() -> typer.Typer:
 
     @g.command("revoke", help="Revoke a token by ID.")
     def revoke(
-        token_id: Annotated[str, typer.Argument()],
+        token_id: Annotated[str, typer.Argument(help="token ID (tok_...): see `cove tokens list`")],
         fmt: OutputOpt = Format.table,
         api_url: ApiUrlOpt = None,
     ) -> None:
@@ -383,7 +392,7 @@ def _tokens_group() -> typer.Typer:
 def _org_verbs(g: typer.Typer) -> None:
     @g.command("create", help="Create an org (you become its owner).")
     def create(
-        name: str,
+        name: Annotated[str, typer.Argument(help="name of the new org")],
         wait: WaitOpt = False,
         timeout: TimeoutOpt = "60s",
         fmt: OutputOpt = Format.table,
@@ -394,7 +403,7 @@ def _org_verbs(g: typer.Typer) -> None:
 
     @g.command("delete", help="Delete an org and everything in it.")
     def delete(
-        ref: str,
+        ref: Annotated[str, typer.Argument(help="org name or ID")],
         yes: YesOpt = False,
         wait: WaitOpt = False,
         timeout: TimeoutOpt = "120s",
@@ -425,7 +434,7 @@ def _org_verbs(g: typer.Typer) -> None:
 
     @members.command("add", help="Add an account to the org.")
     def madd(
-        email: str,
+        email: Annotated[str, typer.Argument(help="email of an existing account")],
         role: Annotated[
             str, typer.Option("--role", help="owner or member (other roles: not in v1)")
         ] = "member",
@@ -446,8 +455,8 @@ def _org_verbs(g: typer.Typer) -> None:
 def _project_verbs(g: typer.Typer) -> None:
     @g.command("create", help="Create a project in the current org.")
     def create(
-        name: str,
-        description: Annotated[str, typer.Option("--description")] = "",
+        name: Annotated[str, typer.Argument(help="name of the new project")],
+        description: Annotated[str, typer.Option("--description", help="what it is for")] = "",
         org: OrgOpt = None,
         wait: WaitOpt = False,
         timeout: TimeoutOpt = "60s",
@@ -466,7 +475,7 @@ def _project_verbs(g: typer.Typer) -> None:
 
     @g.command("delete", help="Delete a project and everything in it.")
     def delete(
-        ref: str,
+        ref: Annotated[str, typer.Argument(help="project name or ID")],
         org: OrgOpt = None,
         yes: YesOpt = False,
         wait: WaitOpt = False,
@@ -483,8 +492,8 @@ def _project_verbs(g: typer.Typer) -> None:
 def _app_verbs(g: typer.Typer) -> None:
     @g.command("create", help="Create an app (with environments prod, staging and dev).")
     def create(
-        name: str,
-        description: Annotated[str, typer.Option("--description")] = "",
+        name: Annotated[str, typer.Argument(help="name of the new app")],
+        description: Annotated[str, typer.Option("--description", help="what it is for")] = "",
         org: OrgOpt = None,
         project: ProjectOpt = None,
         wait: WaitOpt = False,
@@ -506,7 +515,7 @@ def _app_verbs(g: typer.Typer) -> None:
 
     @g.command("delete", help="Delete an app, its environments and everything in them.")
     def delete(
-        ref: str,
+        ref: Annotated[str, typer.Argument(help="app name or ID")],
         org: OrgOpt = None,
         project: ProjectOpt = None,
         yes: YesOpt = False,
@@ -531,17 +540,22 @@ def _parse_port(value: str) -> dict[str, Any]:
         )
     pub, wl, target = parts
     try:
-        return {"port": int(pub), "workload": wl, "target_port": int(target)}
+        ports = (int(pub), int(target))
     except ValueError as exc:
         raise errors.UserError(
             f"invalid --port {value!r}: ports are numbers", hint="e.g. 443:web:8443", code="usage"
         ) from exc
+    if not all(1 <= p <= 65535 for p in ports):
+        raise errors.UserError(
+            f"invalid --port {value!r}: ports are 1-65535", hint="e.g. 443:web:8443", code="usage"
+        )
+    return {"port": ports[0], "workload": wl, "target_port": ports[1]}
 
 
 def _endpoint_verbs(g: typer.Typer) -> None:
     @g.command("create", help="Create an L4 endpoint: --port PUBLIC:WORKLOAD:TARGET (repeatable).")
     def create(
-        name: str,
+        name: Annotated[str, typer.Argument(help="name of the new endpoint")],
         port: Annotated[list[str], typer.Option("--port", help="PUBLIC:WORKLOAD:TARGET")],
         udp: Annotated[bool, typer.Option("--udp", help="UDP instead of TCP")] = False,
         ipv4: Annotated[
@@ -595,7 +609,7 @@ def _endpoint_verbs(g: typer.Typer) -> None:
 def _volume_verbs(g: typer.Typer) -> None:
     @g.command("create", help="Create a volume: --size 1GB.")
     def create(
-        name: str,
+        name: Annotated[str, typer.Argument(help="name of the new volume")],
         size: Annotated[str, typer.Option("--size", help="e.g. 1GB, 10GB")],
         org: OrgOpt = None,
         project: ProjectOpt = None,
@@ -624,9 +638,9 @@ def _volume_verbs(g: typer.Typer) -> None:
 def _destroy_verb(g: typer.Typer, kname: str) -> None:
     plural = kind_by_name(kname).plural  # type: ignore[union-attr]
 
-    @g.command("destroy", help=f"Destroy a {kname} (asks first; --yes for scripts).")
+    @g.command("destroy", help=f"Destroy one {kname} (asks first; --yes for scripts).")
     def destroy(
-        ref: str,
+        ref: Annotated[str, typer.Argument(help="name or ID")],
         org: OrgOpt = None,
         project: ProjectOpt = None,
         app: AppOpt = None,
@@ -653,7 +667,7 @@ def _node_verbs(g: typer.Typer) -> None:
                 help=f"{verb.capitalize()} a node ({'no' if value else 'allow'} new placements).",
             )
             def cmd(
-                ref: str,
+                ref: Annotated[str, typer.Argument(help="node name or ID")],
                 wait: WaitOpt = False,
                 timeout: TimeoutOpt = "60s",
                 fmt: OutputOpt = Format.table,
@@ -698,7 +712,7 @@ def register(app: typer.Typer) -> None:
     @app.command("use", help="Set the current org/project (and optionally app and env).")
     def use(
         target: Annotated[str, typer.Argument(help="ORG or ORG/PROJECT")],
-        app_: Annotated[str | None, typer.Option("--app", "-a")] = None,
+        app_: Annotated[str | None, typer.Option("--app", "-a", help="app name or ID")] = None,
         env: EnvOpt = None,
         fmt: OutputOpt = Format.table,
         api_url: ApiUrlOpt = None,
@@ -746,6 +760,12 @@ def register(app: typer.Typer) -> None:
         if for_:
             kname, _, _ref = for_.partition("/")
             k = kind_by_name(kname)
+            if k is None and not looks_like_id(for_):
+                raise errors.UserError(
+                    f"can't tell what {for_!r} is",
+                    hint="use KIND/NAME such as app/web, or an ID",
+                    code="usage",
+                )
             params = {"for": f"{k.name}/{_ref}" if k else for_}
             if k is not None:
                 params.update(
@@ -759,7 +779,12 @@ def register(app: typer.Typer) -> None:
     def wait(
         target: Annotated[str, typer.Argument(help="op_… receipt, an ID, or KIND/NAME")],
         for_: Annotated[
-            str | None, typer.Option("--for", help="ready, done, deleted, caught-up, condition=T")
+            str | None,
+            typer.Option(
+                "--for",
+                help="ready, done, deleted, caught-up or condition=TYPE[=true|false] "
+                "(default: done for operations, ready for the rest)",
+            ),
         ] = None,
         timeout: TimeoutOpt = "60s",
         org: OrgOpt = None,

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 import typer
+from rich.markup import escape
 
 from cove import errors
 from cove.cli import commands, output, up
@@ -28,12 +29,13 @@ def build() -> typer.Typer:
 
 
 def _print_error(exc: errors.CoveError) -> None:
-    output.err.print(f"[bold red]error[/bold red]: {exc.detail}", markup=True)
+    # details quote user input and regexes ("[a-z]..."): escape them, or rich eats them as markup
+    output.err.print(f"[bold red]error[/bold red]: {escape(exc.detail)}", markup=True)
     if exc.hint:
-        output.err.print(f"[bold]hint[/bold]: {exc.hint}", markup=True)
+        output.err.print(f"[bold]hint[/bold]: {escape(exc.hint)}", markup=True)
     instead = exc.extra.get("instead") if isinstance(exc.extra, dict) else None
     if instead and instead != exc.hint:
-        output.err.print(f"[bold]instead[/bold]: {instead}", markup=True)
+        output.err.print(f"[bold]instead[/bold]: {escape(str(instead))}", markup=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code == "usage":
             code = errors.EXIT_USAGE
         sys.exit(code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         output.err.print("aborted")
         sys.exit(errors.EXIT_ERROR)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(errors.EXIT_USAGE if isinstance(exc, click.UsageError) else errors.EXIT_ERROR)
+    except typer.TyperException as exc:
+        # typer >= 0.2x parses with its own copy of click: its usage errors (unknown flag,
+        # missing argument, bad choice) are not click's classes; exit_code 2 marks usage
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            output.err.print(f"error: {exc.format_message()}", markup=False)
+        code = getattr(exc, "exit_code", errors.EXIT_ERROR)
+        sys.exit(errors.EXIT_USAGE if code == errors.EXIT_USAGE else errors.EXIT_ERROR)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
             str, typer.Option("--host", help="address the API listens on")
         ] = "127.0.0.1",
         port: Annotated[
-            int, typer.Option("--port", help=f"API port (0: any free one; default {DEFAULT_PORT})")
+            int, typer.Option("--port", help="API port (0: any free one)")
         ] = DEFAULT_PORT,
         timeout: Annotated[
             float, typer.Option("--timeout", help="seconds to wait for the API")
@@ -112,7 +112,11 @@ def register(app: typer.Typer) -> None:
         _foreground(host, port, timeout)
 
     @app.command("down", help="Stop the cove started by `cove up`.")
-    def down(timeout: Annotated[float, typer.Option("--timeout")] = 20.0) -> None:
+    def down(
+        timeout: Annotated[
+            float, typer.Option("--timeout", help="seconds to wait before killing it")
+        ] = 20.0,
+    ) -> None:
         pid = _read_pid()
         if pid is None:
             output.notice("cove is not running")
@@ -122,7 +126,13 @@ def register(app: typer.Typer) -> None:
         while time.monotonic() < deadline and _pid_alive(pid):
             time.sleep(0.1)
         if _pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+            try:  # a detached `cove up` leads its own process group: take its children too
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             output.notice(f"cove (pid {pid}) did not stop in {timeout:g}s; killed")
         for f in ("up.pid", "api.url"):
             (config.run_dir() / f).unlink(missing_ok=True)
@@ -132,16 +142,24 @@ def register(app: typer.Typer) -> None:
         "server", help="Run the control plane (API + controllers). `cove up` runs one for you."
     )
     def server(
-        host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port")] = DEFAULT_PORT,
+        host: Annotated[
+            str, typer.Option("--host", help="address the API listens on")
+        ] = "127.0.0.1",
+        port: Annotated[
+            int, typer.Option("--port", help="API port (0: any free one)")
+        ] = DEFAULT_PORT,
         data_dir: Annotated[
             Path | None, typer.Option("--data-dir", help="default: COVE_HOME/data")
         ] = None,
         url_file: Annotated[
             Path | None, typer.Option("--url-file", help="write the API URL here once listening")
         ] = None,
-        log_level: Annotated[str, typer.Option("--log-level")] = "info",
-        access_log: Annotated[bool, typer.Option("--access-log/--no-access-log")] = False,
+        log_level: Annotated[
+            str, typer.Option("--log-level", help="debug, info, warning or error")
+        ] = "info",
+        access_log: Annotated[
+            bool, typer.Option("--access-log/--no-access-log", help="log every HTTP request")
+        ] = False,
     ) -> None:
         from cove.server import serve, setup_logging
 
@@ -164,14 +182,22 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--server", help="API URL (default: the local cove up)")
         ] = None,
         join_token: Annotated[
-            str | None, typer.Option("--join-token", help="or COVE_JOIN_TOKEN")
+            str | None,
+            typer.Option("--join-token", help="the cluster's join token (or COVE_JOIN_TOKEN)"),
         ] = None,
-        join_token_file: Annotated[Path | None, typer.Option("--join-token-file")] = None,
+        join_token_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--join-token-file", help="file holding it (default: COVE_HOME/data/join-token)"
+            ),
+        ] = None,
         name: Annotated[
             str | None, typer.Option("--name", help="node name (default: host name)")
         ] = None,
-        region: Annotated[str, typer.Option("--region")] = "local",
-        log_level: Annotated[str, typer.Option("--log-level")] = "info",
+        region: Annotated[str, typer.Option("--region", help="region this node is in")] = "local",
+        log_level: Annotated[
+            str, typer.Option("--log-level", help="debug, info, warning or error")
+        ] = "info",
     ) -> None:
         from cove.agent.main import run_agent
         from cove.server import setup_logging

@@ -17,8 +17,21 @@ class Client:
         self.token = token
         headers = {"User-Agent": "cove-cli"}
         if token:
+            if not (token.isascii() and token.isprintable()) or " " in token:
+                # httpx would fail deep inside (UnicodeEncodeError, LocalProtocolError)
+                raise errors.Unauthenticated(
+                    "the token is not valid (it holds characters no cove token has)",
+                    hint="sign in again with `cove auth login`, or check COVE_TOKEN",
+                )
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        try:
+            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        except httpx.InvalidURL as exc:
+            raise errors.UserError(
+                f"{base_url!r} is not a valid cove API URL ({exc})",
+                hint="use a URL such as http://127.0.0.1:8470 (--api-url or COVE_API_URL)",
+                code="bad_api_url",
+            ) from exc
 
     def close(self) -> None:
         self._http.close()
@@ -40,6 +53,16 @@ class Client:
             code="unreachable",
         )
 
+    @staticmethod
+    def _check_path(path: str) -> None:
+        """Names and IDs are interpolated into paths: one holding '..', '?' or '#' would
+        reach another route (``apps describe ../orgs/x``), so refuse it here."""
+        if "?" in path or "#" in path or any(s in (".", "..") for s in path.split("/")):
+            raise errors.UserError(
+                f"invalid name or ID in {path!r}",
+                hint="names and IDs never hold '..', '?' or '#'",
+            )
+
     def request(
         self,
         method: str,
@@ -50,6 +73,7 @@ class Client:
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> Any:
+        self._check_path(path)
         try:
             resp = self._http.request(
                 method,
@@ -109,6 +133,7 @@ class Client:
         self, path: str, *, params: dict[str, Any] | None = None
     ) -> Iterator[dict[str, Any]]:
         """NDJSON documents from a streaming endpoint (blank keep-alive lines skipped)."""
+        self._check_path(path)
         try:
             with self._http.stream("GET", path, params=self._params(params), timeout=None) as resp:
                 if resp.status_code >= 400:
