@@ -17,6 +17,16 @@ APT_PACKAGES=(
   tmux
   curl
   ca-certificates
+  # images (cove.image and its test fixtures): pull/inspect, build, a local registry
+  skopeo
+  umoci
+  docker-registry
+  busybox-static
+  zstd # zstd-compressed layers when the Python module zstandard is absent
+  apache2-utils # htpasswd -B: bcrypt password files for the private-registry tests
+  # sandbox runtime (cove.runtime): bubblewrap namespaces, veth/bridge networking
+  bubblewrap
+  iproute2
 )
 
 cd "$(dirname "$0")/.."
@@ -73,6 +83,18 @@ stop_system_postgres() {
   fi
 }
 
+# The docker-registry package enables (and, where policy-rc.d allows, starts) a system
+# registry on :5000. Tests run their own on a free port, so stop and disable that one.
+stop_system_registry() {
+  log "stopping and disabling the Debian docker-registry service (tests run their own)"
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl disable --now docker-registry.service </dev/null >/dev/null 2>&1 || true
+  elif [[ -x /etc/init.d/docker-registry ]]; then
+    as_root /etc/init.d/docker-registry stop </dev/null >/dev/null 2>&1 || true
+  fi
+  as_root update-rc.d docker-registry disable </dev/null >/dev/null 2>&1 || true
+}
+
 # --- apt packages ------------------------------------------------------------
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -84,6 +106,11 @@ if ((${#missing[@]})); then
     if [[ "$pkg" == postgresql* ]]; then
       stop_system_postgres
       break
+    fi
+  done
+  for pkg in "${missing[@]}"; do
+    if [[ "$pkg" == docker-registry ]]; then
+      stop_system_registry
     fi
   done
 else

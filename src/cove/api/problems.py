@@ -35,7 +35,50 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{loc or 'body'}: {msg}"
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details with cove's stable `code` and a `hint`",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "code": {"type": "string"},
+        "detail": {"type": "string"},
+        "hint": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+
+
+def document(app: FastAPI) -> None:
+    """Describe validation failures (422) in the OpenAPI document as what they are:
+    problem+json, not FastAPI's default ``HTTPValidationError``."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            doc.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+            ref = {"$ref": "#/components/schemas/Problem"}
+            for item in doc.get("paths", {}).values():
+                for op in item.values():
+                    if "422" in op.get("responses", {}):
+                        op["responses"]["422"] = {
+                            "description": "Invalid request",
+                            "content": {PROBLEM: {"schema": ref}},
+                        }
+            for unused in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(unused, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    document(app)
+
     @app.exception_handler(errors.CoveError)
     async def _cove(_req: Request, exc: errors.CoveError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None

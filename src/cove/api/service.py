@@ -17,10 +17,22 @@ def ref(res: dict[str, Any]) -> dict[str, Any]:
     return {"kind": res["kind"], "id": res["id"], "name": res["name"]}
 
 
+def actor(who: Principal | None, res: dict[str, Any]) -> str:
+    """Who to name in events and receipts. Cluster resources (nodes) are seen by every
+    user, so there a person is named by role, never by email."""
+    if who is None:
+        return "cove"
+    if who.kind == "node":
+        return f"node {who.node_id}"
+    if get_kind(res["kind"]).scope == "cluster":
+        return "the cluster operator" if who.operator else "a user"
+    return who.email or "a user"
+
+
 def start_operation(
     tx: Tx, action: str, target: dict[str, Any], who: Principal | None
 ) -> dict[str, Any]:
-    requested_by = (who.email or who.node_id) if who else "cove"
+    requested_by = actor(who, target)
     return tx.create(
         "operation",
         None,
@@ -64,7 +76,7 @@ def create_resource(
     labels: dict[str, str],
 ) -> dict[str, Any]:
     res = tx.create(kind, name, parent=parent, spec=spec, labels=labels)
-    tx.event(res, "Normal", "Created", f"{kind} {name} created by {who.email or who.node_id}")
+    tx.event(res, "Normal", "Created", f"{kind} {name} created by {actor(who, res)}")
     if kind == "app":
         for env in ENVIRONMENTS:
             e = tx.create("environment", env, parent=res["id"], spec={"scale": {}})
@@ -96,7 +108,7 @@ def update_resource(
         new,
         "Normal",
         "Updated",
-        f"{', '.join(changed) or 'nothing'} changed by {who.email or who.node_id}",
+        f"{', '.join(changed) or 'nothing'} changed by {actor(who, new)}",
     )
     op = start_operation(tx, "update", new, who)
     return receipt(op, new)
@@ -107,6 +119,6 @@ def delete_resource(
 ) -> dict[str, Any]:
     new = tx.update(res["id"], deleting=True, expected_revision=expected_revision)
     if not res["metadata"]["deleting"]:
-        tx.event(new, "Normal", "Deleting", f"deletion requested by {who.email or who.node_id}")
+        tx.event(new, "Normal", "Deleting", f"deletion requested by {actor(who, new)}")
     op = start_operation(tx, "delete", new, who)
     return receipt(op, new)

@@ -41,7 +41,10 @@ def _print_error(exc: errors.CoveError) -> None:
 def main(argv: list[str] | None = None) -> int:
     app = build()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        # outside standalone mode an Exit (Ctrl-C becomes Exit(130)) is returned, not raised
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            sys.exit(rv)
     except errors.CoveError as exc:
         _print_error(exc)
         code = exc.exit_code

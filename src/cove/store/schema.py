@@ -123,3 +123,48 @@ cluster_settings = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+# -- deploys (migration 0002) -------------------------------------------------------------
+
+secret_versions = Table(
+    "secret_versions",
+    metadata,
+    Column("bundle_id", String(40), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    # envelope: a fresh AES-256-GCM data key per version, wrapped by the server's master key
+    Column("wrapped_key", Text, nullable=False),
+    Column("nonce", String(32), nullable=False),
+    Column("ciphertext", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+registry_credentials = Table(
+    "registry_credentials",
+    metadata,
+    Column("org_id", String(40), primary_key=True),
+    Column("host", String(255), primary_key=True),
+    Column("username", String(255), nullable=False),
+    Column("wrapped_key", Text, nullable=False),
+    Column("nonce", String(32), nullable=False),
+    Column("ciphertext", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+log_lines = Table(
+    "log_lines",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("instance_id", String(40), nullable=False),
+    Column("org_id", String(40), nullable=True),
+    Column("env_id", String(40), nullable=True),
+    Column("workload", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("ts", String(32), nullable=False),
+    Column("stream", String(8), nullable=False),
+    Column("line", Text, nullable=False),
+    UniqueConstraint("instance_id", "seq", name="uq_log_lines_instance_seq"),
+)
+Index("ix_log_lines_env", log_lines.c.env_id, log_lines.c.id)
+Index("ix_log_lines_instance", log_lines.c.instance_id, log_lines.c.id)
