@@ -17,6 +17,7 @@ from cove.api import create_app
 from cove.control.controllers import foundation_controllers
 from cove.control.manager import Manager
 from cove.store import Store
+from cove.store.crypto import MasterKey
 from cove.store.notify import RevisionNotifier
 
 log = logging.getLogger("cove.server")
@@ -72,7 +73,7 @@ def serve(
     store.migrate()
     ensure_join_token(store, data_dir)
     notifier = RevisionNotifier()
-    app = create_app(store, notifier)
+    app = create_app(store, notifier, MasterKey.load(data_dir))
     sock = bind(host, port)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

@@ -325,6 +325,58 @@ def _builders(method: str, path: str, b_org: str) -> list[tuple[str, Builder]]:
     if path == "/v1/nodes/{node_id}/heartbeat":
         # cluster-scoped: a user is refused for any node; tested against A's project ID
         return [("id", lambda s: Req(method, f"/v1/nodes/{s.id('project')}/heartbeat", body={}))]
+    deploy_body = {"image": "127.0.0.1:9/x:1", "workloads": {"web": {}}}
+    if path in ("/v1/deploys", "/v1/rollbacks"):
+        extra = deploy_body if path == "/v1/deploys" else {}
+
+        def by_ids(s: Side) -> dict[str, str]:
+            return {"project": s.id("project"), "app": s.id("app"), "env": s.id("environment")}
+
+        return [
+            ("names", lambda s: Req(method, path, body={**extra, **s.scope("endpoint")})),
+            ("ids", lambda s: Req(method, path, body={**extra, **by_ids(s)})),
+        ]
+    if path == "/v1/environments/{ref}/secrets":
+        body = {"set": {"KEY": "value"}}
+        return [
+            (
+                "name",
+                lambda s: Req(
+                    method,
+                    f"/v1/environments/{s.name('environment')}/secrets",
+                    body={**body, **s.scope("environment")},
+                ),
+            ),
+            (
+                "id",
+                lambda s: Req(method, f"/v1/environments/{s.id('environment')}/secrets", body=body),
+            ),
+        ]
+    if path == "/v1/registries":
+        if method == "GET":
+            return [("org", lambda s: Req(method, path, {"org": s.name("org")}))]
+        creds = {"host": "127.0.0.1:5000", "username": "u", "password": "p"}
+        return [
+            ("org-name", lambda s: Req(method, path, body={**creds, "org": s.name("org")})),
+            ("org-id", lambda s: Req(method, path, body={**creds, "org": s.id("org")})),
+        ]
+    if path == "/v1/logs":
+        return [
+            ("scope", lambda s: Req(method, path, s.scope("endpoint"))),
+            ("instance", lambda s: Req(method, path, {"instance": s.id("instance")})),
+        ]
+    if path == "/v1/nodes/{node_id}/assignments":
+        # node-only: a user is refused for any node; tried with A's project ID
+        return [("id", lambda s: Req(method, f"/v1/nodes/{s.id('project')}/assignments"))]
+    if path.startswith("/v1/instances/{ins_id}/"):
+        # node-only: users are refused whatever the instance
+        sub = path.rsplit("/", 1)[1]
+        body = {
+            "status": {"state": "running"},
+            "events": {"type": "Normal", "reason": "X", "message": "m"},
+            "logs": {"lines": []},
+        }.get(sub)
+        return [("id", lambda s: Req(method, f"/v1/instances/{s.id('instance')}/{sub}", body=body))]
     if m is None:
         raise LookupError(f"the authz matrix does not know {method} {path}")
     kind: Kind = next(k for k in KINDS if k.plural == m["plural"])

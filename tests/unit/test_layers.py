@@ -24,10 +24,22 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "cove.ids",
         "cove.deferred",
         "cove.security",
+        "cove.image",  # the control plane pins image references to digests at deploy time
         "cove.__version__",
     ),
+    # node-side building blocks know nothing of the API
+    "image": ("cove.image", "cove.errors"),
+    "runtime": ("cove.runtime", "cove.image", "cove.errors"),
     "client": ("cove.client", "cove.errors"),
-    "agent": ("cove.agent", "cove.client", "cove.errors", "cove.model", "cove.__version__"),
+    "agent": (
+        "cove.agent",
+        "cove.client",
+        "cove.errors",
+        "cove.model",
+        "cove.image",
+        "cove.runtime",
+        "cove.__version__",
+    ),
     "cli": (
         "cove.cli",
         "cove.client",

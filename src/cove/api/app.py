@@ -25,12 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cove import __version__, deferred, errors
-from cove.api import auth, problems, service
+from cove.api import auth, deploys, problems, service
 from cove.ids import looks_like_id
 from cove.model.kinds import KINDS, Kind, get_kind, kind_by_name, kind_by_prefix
 from cove.model.resource import Resource, get_condition, is_caught_up
 from cove.model.specs import LABEL_KEY_RE, NAME_RE, NAME_RULE
 from cove.store import Store
+from cove.store.crypto import MasterKey
 from cove.store.db import Scope as StoreScope
 from cove.store.notify import RevisionNotifier
 
@@ -325,6 +326,26 @@ class Api:
             depth = max(depth, levels.index(need))
         if depth < 0:
             return ctx
+        kinds = {"project": "project", "app": "app", "env": "environment"}
+        deepest = given[levels[depth]]
+        if deepest is not None and looks_like_id(deepest) and depth > 0:
+            # an ID says everything above it: take the ancestors from the row itself
+            res = self._by_ref(kinds[levels[depth]], deepest, scope, None, "")
+            row = self.store.get_row(res["id"])
+            assert row is not None
+            chain = {"org": row["org_id"], "project": row["project_id"], "app": row["app_id"]}
+            for level in levels[:depth]:
+                value = given[level]
+                kname = kinds.get(level, "org")
+                up = self._by_ref(kname, chain[level], scope, None, "")
+                if value is not None and value not in (up["id"], up["name"]):
+                    raise errors.NotFound(
+                        f"{levels[depth]} {deepest} is not in {level} {value}",
+                        hint="drop the outer names, or make them match",
+                    )
+                setattr(ctx, level, up)
+            setattr(ctx, levels[depth], res)
+            return ctx
         if org is None:
             orgs = sorted(who.org_ids)
             if len(orgs) == 1:
@@ -336,7 +357,6 @@ class Api:
                     hint="pass org=NAME (the CLI: `cove use ORG/PROJECT`)",
                 )
         ctx.org = self._by_ref("org", org, scope, None, "")
-        kinds = {"project": "project", "app": "app", "env": "environment"}
         parent = ctx.org
         for level in levels[1 : depth + 1]:
             value = given[level]
@@ -469,7 +489,9 @@ def evaluate(res: dict[str, Any] | None, cond: str) -> tuple[bool, str | None]:
 # ----------------------------------------------------------------------------- app
 
 
-def create_app(store: Store, notifier: RevisionNotifier | None = None) -> FastAPI:
+def create_app(
+    store: Store, notifier: RevisionNotifier | None = None, master_key: MasterKey | None = None
+) -> FastAPI:
     notifier = notifier or RevisionNotifier()
     store.on_commit(notifier.bump)
     api = Api(store, notifier)
@@ -825,6 +847,7 @@ def create_app(store: Store, notifier: RevisionNotifier | None = None) -> FastAP
 
     # -- generic per-kind routes ----------------------------------------------------------------
 
+    deploys.register(app, api, master_key or MasterKey.ephemeral())
     for kind in KINDS:
         _register_kind(app, api, kind, principal, user, accepted)
 

@@ -1,6 +1,6 @@
 """The foundation's controllers.
 
-- ``StatusController``: org, project, app, environment, endpoint, volume: converge status
+- ``StatusController``: org, project, app, endpoint, volume, secret: converge status
   to the spec (``observed_generation``, the Ready condition) and, for apps, make sure the
   environments prod, staging and dev exist.
 - ``GarbageCollector``: resources marked deleting: delete children first, then the row.
@@ -46,7 +46,7 @@ def _ready_event(tx: Tx, res: dict[str, Any], before: dict[str, Any] | None) -> 
 
 class StatusController:
     name = "status"
-    kinds = ("org", "project", "app", "environment", "endpoint", "volume")
+    kinds = ("org", "project", "app", "endpoint", "volume", "secret")
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -68,20 +68,6 @@ class StatusController:
                 set_condition(
                     status, "Ready", "true", "EnvironmentsReady", "prod, staging and dev exist"
                 )
-            elif kind == "environment":
-                if res["spec"].get("release"):
-                    set_condition(
-                        status,
-                        "Ready",
-                        "false",
-                        "AwaitingRollout",
-                        "a release is desired; no node agent runs workloads yet",
-                    )
-                else:
-                    set_condition(
-                        status, "Ready", "true", "NothingDeployed", "no release deployed yet"
-                    )
-                status.setdefault("release", None)
             elif kind in ("endpoint", "volume"):
                 what = (
                     "allocates endpoint addresses" if kind == "endpoint" else "provisions volumes"
@@ -93,6 +79,10 @@ class StatusController:
                     "WaitingForNode",
                     f"accepted; no node agent on this cluster {what} yet",
                 )
+            elif kind == "secret":
+                n = len(res["spec"].get("keys") or [])
+                v = res["spec"].get("version", 0)
+                set_condition(status, "Ready", "true", "Stored", f"version {v}, {n} key(s)")
             else:
                 set_condition(status, "Ready", "true", "Reconciled", f"{kind} is in place")
             status["observed_generation"] = res["metadata"]["generation"]
@@ -277,10 +267,14 @@ class NodeController:
 
 
 def foundation_controllers(store: Store) -> list[Any]:
+    from cove.control.rollout import RolloutController, Scheduler
+
     _ = get_kind
     return [
         StatusController(store),
         GarbageCollector(store),
         OperationController(store),
         NodeController(store),
+        RolloutController(store),
+        Scheduler(store),
     ]

@@ -70,12 +70,12 @@ class Restart(_Strict):
 
 class Mount(_Strict):
     volume: Name
-    path: str = Field(pattern=r"^/[^\0]*$", max_length=255)
+    path: str = Field(pattern=r"^/", max_length=255)
 
     @field_validator("path")
     @classmethod
     def _no_dots(cls, v: str) -> str:
-        if any(part in ("..", ".") for part in v.split("/")):
+        if "\x00" in v or any(part in ("..", ".") for part in v.split("/")):
             raise ValueError("mount paths are absolute, without '.' or '..'")
         if v in ("/", "/proc", "/dev", "/sys", "/run/cove"):
             raise ValueError(f"can't mount a volume on {v}")

@@ -9,6 +9,8 @@ data binds a ciphertext to its row, so a ciphertext copied to another bundle won
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ class MasterKey:
         if len(key) != 32:
             raise errors.Permanent("the master key must be 32 bytes")
         self._aead = AESGCM(key)
+        self._fp_key = hashlib.sha256(b"cove-fingerprint\x00" + key).digest()
 
     @classmethod
     def load(cls, data_dir: Path) -> MasterKey:
@@ -50,6 +53,17 @@ class MasterKey:
             with os.fdopen(fd, "wb") as f:
                 f.write(_b64e(AESGCM.generate_key(bit_length=256)) + b"\n")
         return cls(_b64d(path.read_bytes().strip()))
+
+    def fingerprint(self, *parts: str) -> str:
+        """A keyed digest: shows whether a value changed without letting anyone without
+        the master key test guesses against it."""
+        msg = "\x00".join(parts).encode()
+        return hmac.new(self._fp_key, msg, hashlib.sha256).hexdigest()[:16]
+
+    @classmethod
+    def ephemeral(cls) -> MasterKey:
+        """A throwaway key (tests, in-memory stores)."""
+        return cls(AESGCM.generate_key(bit_length=256))
 
     def seal(self, payload: bytes, aad: bytes) -> Sealed:
         data_key = AESGCM.generate_key(bit_length=256)

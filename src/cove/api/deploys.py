@@ -1,0 +1,754 @@
+"""Deploys, rollbacks, scale, secrets, registry credentials, logs, and the node agent's side
+of instances (assignments, status, events, logs, secrets).
+
+A deploy pins the image to a digest here, at deploy time, and writes an immutable release;
+the rollout controller takes it from there. A rollback writes a new release whose contents
+are a prior release's (image digest, workloads, variables *and* secrets version), so history
+stays linear.
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cove import errors
+from cove.api import auth, service
+from cove.model.resource import now_iso, set_condition
+from cove.model.specs import NAME_RE
+from cove.model.workload import ENV_KEY_RE, WorkloadTemplate
+from cove.store import Tx
+from cove.store import schema as t
+from cove.store.crypto import MasterKey, Sealed
+
+LOG_LINES_KEPT = 5000  # per instance; older lines are dropped
+MAX_LOG_LINE = 16 * 1024
+
+Q64 = Annotated[str | None, Query(max_length=64)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Scoped(_Body):
+    org: str | None = Field(default=None, max_length=64)
+    project: str | None = Field(default=None, max_length=64)
+    app: str | None = Field(default=None, max_length=64)
+    env: str | None = Field(default=None, max_length=64)
+
+
+class DeployBody(_Scoped):
+    image: str = Field(min_length=1, max_length=512, description="registry, oci:, oci-archive:…")
+    workloads: dict[Annotated[str, Field(pattern=NAME_RE.pattern)], WorkloadTemplate] = Field(
+        min_length=1, max_length=16
+    )
+    variables: dict[str, Annotated[str, Field(max_length=32768)]] = Field(
+        default_factory=dict, description="environment variables for every workload"
+    )
+    description: str = Field(default="", max_length=500)
+
+
+class RollbackBody(_Scoped):
+    to: str | None = Field(
+        default=None, max_length=64, description="v3 or rel_…; default: the release before"
+    )
+
+
+class SecretsBody(_Scoped):
+    set: dict[str, Annotated[str, Field(max_length=65536)]] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list, max_length=256)
+
+
+class RegistryBody(_Body):
+    org: str | None = Field(default=None, max_length=64)
+    host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.\-]+(:\d{1,5})?$")
+    username: str = Field(min_length=1, max_length=255)
+    password: str = Field(min_length=1, max_length=4096)
+
+
+class InstanceStatusBody(_Body):
+    state: str = Field(
+        pattern=r"^(placed|preparing|starting|running|stopping|stopped|destroyed|failed|backoff)$"
+    )
+    health: str = Field(default="unknown", pattern=r"^(unknown|passing|failing)$")
+    ready: bool = False
+    message: str = Field(default="", max_length=2000)
+    restart_count: int = Field(default=0, ge=0)
+    last_exit_code: int | None = None
+    last_termination_reason: str | None = Field(default=None, max_length=32)
+    addresses: dict[str, str] = Field(default_factory=dict)
+    driver: str | None = Field(default=None, max_length=40)
+    started_at: str | None = Field(default=None, max_length=40)
+
+
+class EventBody(_Body):
+    type: str = Field(pattern=r"^(Normal|Warning)$")
+    reason: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9]*$")
+    message: str = Field(default="", max_length=4000)
+
+
+class LogLineBody(_Body):
+    seq: int = Field(ge=0)
+    ts: str = Field(max_length=40)
+    stream: str = Field(pattern=r"^(stdout|stderr)$")
+    line: str
+
+
+class LogBatch(_Body):
+    lines: list[LogLineBody] = Field(max_length=5000)
+
+
+def register(app: FastAPI, api: Any, master: MasterKey) -> None:
+    """Add the deploy routes to *app* (``api`` is the ``cove.api.app.Api``)."""
+    store = api.store
+
+    async def principal(authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
+        p: auth.Principal = await run_in_threadpool(api.principal, authorization)
+        return p
+
+    Who = Annotated[auth.Principal, Depends(principal)]
+
+    def user_only(who: auth.Principal) -> None:
+        api.require_user(who)
+
+    def env_ctx(who: auth.Principal, b: _Scoped) -> Any:
+        ctx = api.context(who, b.org, b.project, b.app, b.env, need="env")
+        if ctx.env["metadata"]["deleting"]:
+            raise errors.Conflict(f"environment {ctx.env['name']} is being deleted")
+        return ctx
+
+    def accepted(body: dict[str, Any]) -> JSONResponse:
+        return JSONResponse(body, status_code=202, headers={"Location": body["links"]["operation"]})
+
+    # -- deploy ---------------------------------------------------------------------------
+
+    @app.post("/v1/deploys", status_code=202, tags=["deploys"], summary="Deploy an image")
+    async def deploy(body: DeployBody, who: Who) -> JSONResponse:
+        """Resolve the image to a digest, write release vN and start the rollout."""
+        user_only(who)
+        for key in body.variables:
+            if not ENV_KEY_RE.match(key):
+                raise errors.UserError(f"invalid variable name {key!r}", hint="A-Z, 0-9 and _")
+        ctx = await run_in_threadpool(env_ctx, who, body)
+        from cove import image as image_mod
+
+        ref = image_mod.parse_ref(body.image)
+        creds = await run_in_threadpool(registry_creds, ctx.org["id"], ref.registry)
+        resolved = await image_mod.resolve(
+            ref, creds=creds, tls_verify=not _loopback(ref.registry), timeout=60.0
+        )
+
+        def run() -> dict[str, Any]:
+            with store.write() as tx:
+                env = tx.get(ctx.env["id"], for_update=True)
+                assert env is not None
+                bundle = _bundle(tx, env)
+                spec = {
+                    "image": body.image,
+                    "source": resolved.source_ref(),
+                    "digest": resolved.digest,
+                    "workloads": {k: v.model_dump(mode="json") for k, v in body.workloads.items()},
+                    "variables": body.variables,
+                    "secrets": _secrets_ref(bundle),
+                    "reason": "deploy",
+                    "description": body.description,
+                }
+                return _release(tx, who, env, spec, scale_from_templates=True)
+
+        return accepted(await run_in_threadpool(run))
+
+    @app.post("/v1/rollbacks", status_code=202, tags=["deploys"], summary="Roll back")
+    async def rollback(body: RollbackBody, who: Who) -> JSONResponse:
+        """A new release with a prior release's contents: image digest, workloads,
+        variables and secrets version."""
+        user_only(who)
+
+        def run() -> dict[str, Any]:
+            ctx = env_ctx(who, body)
+            with store.write() as tx:
+                env = tx.get(ctx.env["id"], for_update=True)
+                assert env is not None
+                releases = sorted(
+                    tx.children(env["id"], kinds=("release",)),
+                    key=lambda r: int(r["spec"]["number"]),
+                )
+                if not releases:
+                    raise errors.UserError("nothing to roll back: no release yet")
+                current = next((r for r in releases if r["id"] == env["spec"].get("release")), None)
+                if body.to is None:
+                    older = [
+                        r
+                        for r in releases
+                        if current is None or int(r["spec"]["number"]) < current["spec"]["number"]
+                    ]
+                    # the newest release before the current one that ever became active
+                    good = [r for r in older if r["status"].get("ever_active")]
+                    pick = (good or older or [None])[-1]
+                else:
+                    pick = next((r for r in releases if body.to in (r["id"], r["name"])), None)
+                    if pick is None:
+                        raise errors.NotFound(
+                            f"no release {body.to} in environment {env['name']}",
+                            hint="`cove releases list` shows them",
+                        )
+                if pick is None:
+                    raise errors.UserError(
+                        "nothing to roll back to: there is no earlier release",
+                        hint="pass a release: cove rollback v1",
+                    )
+                spec = {k: v for k, v in pick["spec"].items() if k not in ("number",)}
+                spec.update(reason="rollback", rolled_back_to=pick["name"], description="")
+                return _release(tx, who, env, spec, scale_from_templates=False)
+
+        return accepted(await run_in_threadpool(run))
+
+    # -- secrets -------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/environments/{ref}/secrets",
+        status_code=202,
+        tags=["secrets"],
+        summary="Set or unset secrets (a new bundle version and a new release)",
+    )
+    async def set_secrets(ref: str, body: SecretsBody, who: Who) -> JSONResponse:
+        user_only(who)
+        for key in [*body.set, *body.unset]:
+            if not ENV_KEY_RE.match(key):
+                raise errors.UserError(
+                    f"invalid secret name {key!r}", hint="letters, digits and _, not first a digit"
+                )
+        if not body.set and not body.unset:
+            raise errors.UserError("nothing to change", hint="KEY=VALUE to set, or unset KEY")
+        both = set(body.set) & set(body.unset)
+        if both:
+            raise errors.UserError(f"{sorted(both)} both set and unset")
+
+        def run() -> dict[str, Any]:
+            ctx = env_ctx(who, _Scoped(org=body.org, project=body.project, app=body.app, env=ref))
+            with store.write() as tx:
+                env = tx.get(ctx.env["id"], for_update=True)
+                assert env is not None
+                bundle = _bundle(tx, env, create=True)
+                assert bundle is not None
+                values = _open_values(tx, bundle)
+                missing = [k for k in body.unset if k not in values]
+                if missing:
+                    raise errors.NotFound(f"no secret named {', '.join(missing)}")
+                values.update(body.set)
+                for k in body.unset:
+                    values.pop(k, None)
+                version = int(bundle["spec"].get("version", 0)) + 1
+                sealed = master.seal(
+                    json.dumps(values).encode(), f"{bundle['id']}:{version}".encode()
+                )
+                tx.conn.execute(
+                    sa.insert(t.secret_versions).values(
+                        bundle_id=bundle["id"],
+                        version=version,
+                        wrapped_key=sealed.wrapped_key,
+                        nonce=sealed.nonce,
+                        ciphertext=sealed.ciphertext,
+                        created_at=now_iso(),
+                    )
+                )
+                keys = [
+                    {
+                        "name": k,
+                        "digest": master.fingerprint(bundle["id"], k, v),
+                        "version": version,
+                    }
+                    if k in body.set
+                    else next(x for x in bundle["spec"].get("keys", []) if x["name"] == k)
+                    for k, v in sorted(values.items())
+                ]
+                bundle = tx.update(bundle["id"], spec={"version": version, "keys": keys})
+                changed = [f"set {k}" for k in sorted(body.set)] + [
+                    f"unset {k}" for k in sorted(body.unset)
+                ]
+                tx.event(
+                    bundle,
+                    "Normal",
+                    "SecretsChanged",
+                    f"version {version}: {', '.join(changed)} by {service.actor(who, bundle)}",
+                )
+                current = env["spec"].get("release")
+                rel = tx.get(current) if current else None
+                if rel is None:  # nothing deployed: the next deploy picks the version up
+                    op = service.start_operation(tx, "update", bundle, who)
+                    return service.receipt(op, bundle)
+                spec = {k: v for k, v in rel["spec"].items() if k != "number"}
+                spec.update(reason="secrets", secrets=_secrets_ref(bundle), description="")
+                return _release(tx, who, env, spec, scale_from_templates=False)
+
+        return accepted(await run_in_threadpool(run))
+
+    # -- registry credentials ------------------------------------------------------------------
+
+    @app.post(
+        "/v1/registries", status_code=201, tags=["registries"], summary="Store registry login"
+    )
+    async def registry_login(body: RegistryBody, who: Who) -> dict[str, Any]:
+        """Credentials for a private registry, encrypted at rest, used at deploy and pull."""
+        user_only(who)
+
+        def run() -> dict[str, Any]:
+            ctx = api.context(who, body.org, None, None, None, need="org")
+            sealed = master.seal(body.password.encode(), f"{ctx.org['id']}:{body.host}".encode())
+            with store.write() as tx:
+                tx.conn.execute(
+                    sa.delete(t.registry_credentials).where(
+                        t.registry_credentials.c.org_id == ctx.org["id"],
+                        t.registry_credentials.c.host == body.host,
+                    )
+                )
+                tx.conn.execute(
+                    sa.insert(t.registry_credentials).values(
+                        org_id=ctx.org["id"],
+                        host=body.host,
+                        username=body.username,
+                        wrapped_key=sealed.wrapped_key,
+                        nonce=sealed.nonce,
+                        ciphertext=sealed.ciphertext,
+                        created_at=now_iso(),
+                    )
+                )
+                tx.event(ctx.org, "Normal", "RegistryLogin", f"credentials stored for {body.host}")
+            return {"org": ctx.org["name"], "host": body.host, "username": body.username}
+
+        return await run_in_threadpool(run)
+
+    @app.get("/v1/registries", tags=["registries"], summary="Registries with stored logins")
+    async def registries(who: Who, org: Q64 = None) -> list[dict[str, Any]]:
+        user_only(who)
+
+        def run() -> list[dict[str, Any]]:
+            ctx = api.context(who, org, None, None, None, need="org")
+            with store.read() as conn:
+                rows = conn.execute(
+                    sa.select(
+                        t.registry_credentials.c.host,
+                        t.registry_credentials.c.username,
+                        t.registry_credentials.c.created_at,
+                    ).where(t.registry_credentials.c.org_id == ctx.org["id"])
+                ).all()
+            return [{"host": r[0], "username": r[1], "created_at": r[2]} for r in rows]
+
+        return await run_in_threadpool(run)
+
+    def registry_creds(org_id: str, host: str | None) -> tuple[str, str] | None:
+        if not host:
+            return None
+        with store.read() as conn:
+            row = (
+                conn.execute(
+                    sa.select(t.registry_credentials).where(
+                        t.registry_credentials.c.org_id == org_id,
+                        t.registry_credentials.c.host == host,
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        pw = master.open(
+            Sealed(row["wrapped_key"], row["nonce"], row["ciphertext"]), f"{org_id}:{host}".encode()
+        )
+        return str(row["username"]), pw.decode()
+
+    # -- logs (users) --------------------------------------------------------------------------
+
+    @app.get("/v1/logs", tags=["logs"], summary="Instance logs, merged, as NDJSON")
+    async def logs(
+        request: Request,
+        who: Who,
+        org: Q64 = None,
+        project: Q64 = None,
+        app_: Annotated[str | None, Query(alias="app", max_length=64)] = None,
+        env: Q64 = None,
+        workload: Q64 = None,
+        instance: Q64 = None,
+        since: Annotated[str | None, Query(max_length=16, description="10m, 1h, 30s")] = None,
+        after: Annotated[int, Query(ge=0, description="resume after this line id")] = 0,
+        follow: bool = False,
+        tail: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> StreamingResponse:
+        """Lines as ``{"id", "instance", "workload", "seq", "ts", "stream", "line"}``, one per
+        line, oldest first; with ``follow`` the stream stays open."""
+        user_only(who)
+
+        def resolve() -> tuple[str, str | None]:
+            if instance:
+                from cove.model.kinds import get_kind
+
+                ins = api.lookup(who, get_kind("instance"), instance, org, project, app_, env)
+                row = store.get_row(ins["id"])
+                return str(row["env_id"]), str(ins["id"])
+            ctx = api.context(who, org, project, app_, env, need="env")
+            return str(ctx.env["id"]), None
+
+        env_id, ins_id = await run_in_threadpool(resolve)
+        cutoff = None
+        if since:
+            from cove.api.app import parse_duration
+
+            cutoff = (
+                (datetime.now(UTC) - timedelta(seconds=parse_duration(since, 0)))
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z")
+            )
+
+        def fetch(cursor: int, limit: int, newest: bool) -> list[dict[str, Any]]:
+            c = t.log_lines.c
+            q = sa.select(t.log_lines).where(c.env_id == env_id, c.id > cursor)
+            if ins_id:
+                q = q.where(c.instance_id == ins_id)
+            if workload:
+                q = q.where(c.workload == workload)
+            if cutoff:
+                q = q.where(c.ts >= cutoff)
+            q = q.order_by(c.id.desc() if newest else c.id).limit(limit)
+            with store.read() as conn:
+                rows = [dict(r) for r in conn.execute(q).mappings()]
+            if newest:
+                rows.reverse()
+            return [
+                {
+                    "id": r["id"],
+                    "instance": r["instance_id"],
+                    "workload": r["workload"],
+                    "seq": r["seq"],
+                    "ts": r["ts"],
+                    "stream": r["stream"],
+                    "line": r["line"],
+                }
+                for r in rows
+            ]
+
+        async def gen() -> AsyncIterator[bytes]:
+            cursor = after
+            first = await run_in_threadpool(fetch, cursor, tail, after == 0)
+            for line in first:
+                cursor = line["id"]
+                yield (json.dumps(line) + "\n").encode()
+            last_sent = time.monotonic()
+            while follow:
+                if await request.is_disconnected():
+                    return
+                batch = await run_in_threadpool(fetch, cursor, 1000, False)
+                for line in batch:
+                    cursor = line["id"]
+                    yield (json.dumps(line) + "\n").encode()
+                if batch:
+                    last_sent = time.monotonic()
+                    continue
+                await api.notifier.wait(api.notifier.revision, 0.5)
+                if time.monotonic() - last_sent > 15:
+                    yield b"\n"
+                    last_sent = time.monotonic()
+
+        return StreamingResponse(gen(), media_type="application/x-ndjson")
+
+    # -- node agent side -------------------------------------------------------------------------
+
+    def node_only(who: auth.Principal, node_id: str | None = None) -> str:
+        if who.kind != "node" or who.node_id is None:
+            raise errors.Forbidden("only node agents make this call")
+        if node_id is not None and node_id != who.node_id:
+            raise errors.Forbidden("a node may only act for itself")
+        return who.node_id
+
+    def own_instance(who: auth.Principal, ins_id: str) -> dict[str, Any]:
+        node_id = node_only(who)
+        try:
+            ins: dict[str, Any] = store.get(ins_id)
+        except errors.NotFound:
+            raise errors.NotFound(f"no instance {ins_id}") from None
+        if ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
+            raise errors.NotFound(f"no instance {ins_id} on this node")
+        return ins
+
+    @app.get("/v1/nodes/{node_id}/assignments", tags=["nodes"], summary="Instances placed here")
+    async def assignments(
+        node_id: str,
+        who: Who,
+        since: Annotated[int, Query(ge=0)] = 0,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0,
+    ) -> dict[str, Any]:
+        """Every instance placed on this node with what it needs to run (release, template,
+        pull credentials); long-polls up to ``wait`` seconds for the revision to pass
+        ``since``."""
+        node_only(who, node_id)
+        deadline = time.monotonic() + wait
+        while api.notifier.revision <= since and time.monotonic() < deadline:
+            await api.notifier.wait(since, min(1.0, max(0.0, deadline - time.monotonic())))
+        return await run_in_threadpool(_assignments, node_id)
+
+    def _assignments(node_id: str) -> dict[str, Any]:
+        rev = store.head_revision()
+        with store.read() as conn:
+            rows = conn.execute(
+                sa.select(t.resources).where(t.resources.c.kind == "instance")
+            ).mappings()
+            mine = [r for r in rows if (r["spec"] or {}).get("node") == node_id]
+        from cove.store.db import resource_from_row
+
+        out = []
+        for r in mine:
+            ins = resource_from_row(r)
+            rel = store.get_row(ins["spec"]["release"])
+            release = resource_from_row(rel) if rel is not None else None
+            creds = None
+            if release is not None:
+                from cove import image as image_mod
+
+                try:
+                    host = image_mod.parse_ref(release["spec"]["image"]).registry
+                except errors.CoveError:
+                    host = None
+                c = registry_creds(str(r["org_id"]), host)
+                creds = {"username": c[0], "password": c[1]} if c else None
+            out.append(
+                {
+                    "instance": ins,
+                    "release": release,
+                    "env_id": r["env_id"],
+                    "pull_credentials": creds,
+                }
+            )
+        return {"revision": rev, "items": out}
+
+    @app.put("/v1/instances/{ins_id}/status", tags=["nodes"], summary="Report instance status")
+    async def report_status(ins_id: str, body: InstanceStatusBody, who: Who) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            own_instance(who, ins_id)
+            with store.write() as tx:
+                ins = tx.get(ins_id, for_update=True)
+                if ins is None:
+                    raise errors.NotFound(f"no instance {ins_id}")
+                st = dict(ins["status"])
+                st.update(
+                    {k: v for k, v in body.model_dump().items() if k not in ("ready", "message")}
+                )
+                st["node"] = ins["spec"].get("node")
+                st["reported_at"] = now_iso()
+                ready = body.ready and body.state == "running"
+                set_condition(
+                    st,
+                    "Ready",
+                    "true" if ready else "false",
+                    "HealthChecksPassing" if ready else _reason(body.state, body.health),
+                    body.message,
+                )
+                if body.state == "failed":
+                    set_condition(st, "Failed", "true", "InstanceFailed", body.message)
+                st["observed_generation"] = ins["metadata"]["generation"]
+                new = tx.update(ins_id, status=st)
+            return {"instance": ins_id, "revision": new["metadata"]["revision"]}
+
+        return await run_in_threadpool(run)
+
+    @app.post("/v1/instances/{ins_id}/events", tags=["nodes"], summary="Record an instance event")
+    async def instance_event(ins_id: str, body: EventBody, who: Who) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            ins = own_instance(who, ins_id)
+            with store.write() as tx:
+                ev: dict[str, Any] = tx.event(ins, body.type, body.reason, body.message)
+            return ev
+
+        return await run_in_threadpool(run)
+
+    @app.post("/v1/instances/{ins_id}/logs", tags=["nodes"], summary="Ship log lines")
+    async def ship_logs(ins_id: str, body: LogBatch, who: Who) -> dict[str, Any]:
+        """Lines are keyed by (instance, seq): resending a batch stores nothing twice."""
+
+        def run() -> dict[str, Any]:
+            ins = own_instance(who, ins_id)
+            row = store.get_row(ins_id)
+            assert row is not None
+            workload = ins["parent"]["name"] if ins.get("parent") else ""
+            with store.write() as tx:
+                c = t.log_lines.c
+                have = {
+                    int(s)
+                    for (s,) in tx.conn.execute(
+                        sa.select(c.seq).where(
+                            c.instance_id == ins_id, c.seq.in_([x.seq for x in body.lines])
+                        )
+                    )
+                }
+                fresh = [x for x in body.lines if x.seq not in have]
+                if fresh:
+                    tx.conn.execute(
+                        sa.insert(t.log_lines),
+                        [
+                            {
+                                "instance_id": ins_id,
+                                "org_id": row["org_id"],
+                                "env_id": row["env_id"],
+                                "workload": workload,
+                                "seq": x.seq,
+                                "ts": x.ts,
+                                "stream": x.stream,
+                                "line": x.line[:MAX_LOG_LINE],
+                            }
+                            for x in fresh
+                        ],
+                    )
+                    keep_from = tx.conn.execute(
+                        sa.select(c.id)
+                        .where(c.instance_id == ins_id)
+                        .order_by(c.id.desc())
+                        .offset(LOG_LINES_KEPT)
+                        .limit(1)
+                    ).scalar()
+                    if keep_from is not None:
+                        tx.conn.execute(
+                            sa.delete(t.log_lines).where(c.instance_id == ins_id, c.id <= keep_from)
+                        )
+                    tx.next_revision()  # wakes `logs -f` followers
+            return {"stored": len(fresh), "duplicates": len(body.lines) - len(fresh)}
+
+        return await run_in_threadpool(run)
+
+    @app.get("/v1/instances/{ins_id}/secrets", tags=["nodes"], summary="Secrets for an instance")
+    async def instance_secrets(ins_id: str, who: Who) -> dict[str, Any]:
+        """The decrypted bundle version of the instance's release, only to its node."""
+
+        def run() -> dict[str, Any]:
+            ins = own_instance(who, ins_id)
+            rel = store.get_row(ins["spec"]["release"])
+            ref = (rel["spec"] or {}).get("secrets") if rel is not None else None
+            if not ref:
+                return {"bundle": None, "version": 0, "values": {}}
+            with store.read() as conn:
+                row = (
+                    conn.execute(
+                        sa.select(t.secret_versions).where(
+                            t.secret_versions.c.bundle_id == ref["bundle"],
+                            t.secret_versions.c.version == ref["version"],
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+            if row is None:
+                raise errors.NotFound("the release's secrets version is gone")
+            values = json.loads(
+                master.open(
+                    Sealed(row["wrapped_key"], row["nonce"], row["ciphertext"]),
+                    f"{ref['bundle']}:{ref['version']}".encode(),
+                )
+            )
+            return {"bundle": ref["bundle"], "version": ref["version"], "values": values}
+
+        return await run_in_threadpool(run)
+
+    def _open_values(tx: Tx, bundle: dict[str, Any]) -> dict[str, str]:
+        version = int(bundle["spec"].get("version", 0))
+        if version == 0:
+            return {}
+        row = (
+            tx.conn.execute(
+                sa.select(t.secret_versions).where(
+                    t.secret_versions.c.bundle_id == bundle["id"],
+                    t.secret_versions.c.version == version,
+                )
+            )
+            .mappings()
+            .one()
+        )
+        values: dict[str, str] = json.loads(
+            master.open(
+                Sealed(row["wrapped_key"], row["nonce"], row["ciphertext"]),
+                f"{bundle['id']}:{version}".encode(),
+            )
+        )
+        return values
+
+    _ = asyncio
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    return name in ("127.0.0.1", "localhost", "[::1]")
+
+
+def _reason(state: str, health: str) -> str:
+    if state == "running":
+        return "HealthChecksFailing" if health == "failing" else "HealthChecksPending"
+    return {
+        "placed": "Placed",
+        "preparing": "PullingImage",
+        "starting": "Starting",
+        "stopping": "Stopping",
+        "stopped": "Stopped",
+        "destroyed": "Destroyed",
+        "failed": "Failed",
+        "backoff": "BackOff",
+    }.get(state, "NotReady")
+
+
+def _bundle(tx: Tx, env: dict[str, Any], *, create: bool = False) -> dict[str, Any] | None:
+    b = tx.find("secret", env["id"], "secrets")
+    if b is None and create:
+        b = tx.create("secret", "secrets", parent=env["id"], spec={"version": 0, "keys": []})
+    return b
+
+
+def _secrets_ref(bundle: dict[str, Any] | None) -> dict[str, Any] | None:
+    if bundle is None or not bundle["spec"].get("version"):
+        return None
+    return {"bundle": bundle["id"], "version": int(bundle["spec"]["version"])}
+
+
+def _release(
+    tx: Tx,
+    who: auth.Principal,
+    env: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    scale_from_templates: bool,
+) -> dict[str, Any]:
+    """Write release vN, point the environment at it, and return the receipt."""
+    numbers = [int(r["spec"]["number"]) for r in tx.children(env["id"], kinds=("release",))]
+    number = max(numbers, default=0) + 1
+    spec = dict(spec, number=number)
+    rel = tx.create(
+        "release",
+        f"v{number}",
+        parent=env["id"],
+        spec=spec,
+        status={"state": "pending"},
+    )
+    what = {
+        "deploy": f"deploy {spec['image']} ({spec['digest'][:19]})",
+        "rollback": f"rollback to {spec.get('rolled_back_to')}",
+        "secrets": "secrets changed",
+    }.get(spec["reason"], spec["reason"])
+    tx.event(rel, "Normal", "Created", f"release v{number}: {what} by {service.actor(who, rel)}")
+    scale = dict(env["spec"].get("scale") or {})
+    for name, tmpl in spec["workloads"].items():
+        if scale_from_templates or name not in scale:
+            scale[name] = int(tmpl.get("count", 1))
+    for name in list(scale):
+        if name not in spec["workloads"]:
+            scale.pop(name)
+    new_spec = dict(env["spec"], release=rel["id"], scale=scale)
+    env2 = tx.update(env["id"], spec=new_spec)
+    tx.event(env2, "Normal", "Deploying", f"rolling out v{number}: {what}")
+    op = service.start_operation(tx, "update", env2, who)
+    rec = service.receipt(op, env2)
+    rec["release"] = service.ref(rel)
+    return rec

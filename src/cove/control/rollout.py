@@ -1,0 +1,359 @@
+"""Deploys: the rollout controller, the scheduler and instance clean-up.
+
+Rollout (per environment, level-triggered): make the environment's workloads and
+instances match its desired release and scale. Deterministic rolling replace: start all new
+instances, and stop one old instance for each new one that becomes Ready; a workload that
+mounts a volume stops its old instance first, then starts the new one. If the new
+instances are not all Ready by the release's deadline, the rollout halts: the new instances
+are stopped, the old ones keep serving, and the environment carries ``Failed`` (reason
+RolloutHalted) until the next change.
+
+Scheduler (per instance): filter nodes (Ready, schedulable, a runtime driver, memory and
+CPU capacity), then score (spread a workload's instances, then most free memory). The
+decision and its reasons are written to the instance.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from cove.model.resource import get_condition, now_iso, set_condition
+from cove.model.workload import SIZES, seconds
+from cove.store import Store, Tx
+
+CPU_OVERCOMMIT = 4  # CPU is shared; memory is not overcommitted
+
+
+def _ready(res: dict[str, Any]) -> bool:
+    c = get_condition(res["status"], "Ready")
+    return bool(c and c["status"] == "true")
+
+
+def _age(ts: str | None, now: datetime) -> float:
+    if not ts:
+        return 0.0
+    return (now - datetime.fromisoformat(ts.replace("Z", "+00:00"))).total_seconds()
+
+
+def _stop(tx: Tx, ins: dict[str, Any], why: str) -> None:
+    if ins["spec"].get("desired") == "stopped":
+        return
+    new = tx.update(ins["id"], spec=dict(ins["spec"], desired="stopped"))
+    tx.event(new, "Normal", "Stopping", why)
+
+
+class RolloutController:
+    name = "rollout"
+    kinds = ("environment", "workload")
+
+    def __init__(self, store: Store, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.store = store
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def reconcile(self, key: str) -> float | None:
+        with self.store.write() as tx:
+            res = tx.get(key, for_update=True)
+            if res is None:
+                return None
+            if res["kind"] == "workload":
+                env = tx.get(res["parent"]["id"], for_update=True) if res["parent"] else None
+            else:
+                env = res
+            if env is None or env["metadata"]["deleting"]:
+                return None
+            return self._env(tx, env)
+
+    def _env(self, tx: Tx, env: dict[str, Any]) -> float | None:
+        now = self.clock()
+        st = dict(env["status"])
+        before = get_condition(st, "Ready")
+        gen = env["metadata"]["generation"]
+        rel_id = env["spec"].get("release")
+        workloads = {w["name"]: w for w in tx.children(env["id"], kinds=("workload",))}
+        if not rel_id:
+            set_condition(st, "Ready", "true", "NothingDeployed", "no release deployed yet")
+            st.setdefault("release", None)
+            st["observed_generation"] = gen
+            self._write(tx, env, st, before)
+            return None
+        rel = tx.get(rel_id)
+        if rel is None:
+            set_condition(st, "Failed", "true", "ReleaseMissing", f"release {rel_id} is gone")
+            st["observed_generation"] = gen
+            self._write(tx, env, st, before)
+            return None
+        rollout = dict(st.get("rollout") or {})
+        if rollout.get("generation") != gen:
+            rollout = {
+                "generation": gen,
+                "release": rel_id,
+                "release_name": rel["name"],
+                "started_at": now_iso(),
+                "state": "progressing",
+            }
+            st["conditions"] = [c for c in st.get("conditions", []) if c["type"] != "Failed"]
+            if rel["status"].get("state") == "pending":
+                tx.update(rel["id"], status=dict(rel["status"], state="rolling"))
+        templates: dict[str, dict[str, Any]] = rel["spec"]["workloads"]
+        scale = env["spec"].get("scale") or {}
+        halted = rollout["state"] == "halted"
+        done = True
+        summary = []
+        # workloads the release no longer has: stop their instances, then remove them
+        for name, wl in workloads.items():
+            if name in templates or wl["metadata"]["deleting"]:
+                continue
+            live = [i for i in tx.children(wl["id"], kinds=("instance",))]
+            for ins in live:
+                _stop(tx, ins, f"workload {name} is not in {rel['name']}")
+            if not live:
+                tx.delete(wl["id"])
+            else:
+                done = False
+        for name, tmpl in sorted(templates.items()):
+            count = int(scale.get(name, tmpl.get("count", 1)))
+            found = workloads.get(name)
+            wspec = {"release": rel_id, "count": count, "template": tmpl}
+            if found is None:
+                wl = tx.create("workload", name, parent=env["id"], spec=wspec)
+            elif found["spec"] != wspec and not halted:
+                wl = tx.update(found["id"], spec=wspec)
+            else:
+                wl = found
+            instances = tx.children(wl["id"], kinds=("instance",))
+            active = [i for i in instances if i["spec"].get("desired") == "running"]
+            new = [i for i in active if i["spec"]["release"] == rel_id]
+            old = [i for i in active if i["spec"]["release"] != rel_id]
+            ready_new = [i for i in new if _ready(i)]
+            if not halted:
+                lingering = [i for i in instances if i["spec"].get("desired") != "running"]
+                if tmpl.get("mounts") and (old or lingering):
+                    for ins in old:  # one instance per volume: stop, wait until gone, start
+                        _stop(tx, ins, f"replaced by {rel['name']} (volume-bound: stop first)")
+                    done = False
+                else:
+                    for _ in range(count - len(new)):
+                        self._new_instance(tx, wl, rel, tmpl)
+                        done = False
+                    # stop one old instance for each new one that is Ready
+                    surplus = len(old) - max(0, count - len(ready_new))
+                    for ins in sorted(old, key=lambda i: i["id"])[: max(0, surplus)]:
+                        _stop(tx, ins, f"replaced by {rel['name']}")
+                    extra = len(new) - count
+                    if extra > 0:  # scale down: not-ready first, then newest
+                        order = sorted(new, key=lambda i: (_ready(i), i["id"]))
+                        for ins in order[:extra]:
+                            _stop(tx, ins, f"scaled {name} down to {count}")
+            if len(ready_new) < count or old or len(new) > count:
+                done = False
+            ready_all = sum(1 for i in active if _ready(i))
+            wst = dict(
+                wl["status"],
+                desired=count,
+                ready=len(ready_new),
+                running=len(active),
+                ready_all=ready_all,
+                release=rel_id,
+                observed_generation=wl["metadata"]["generation"],
+            )
+            if wst != wl["status"]:
+                tx.update(wl["id"], status=wst)
+            summary.append(f"{name} {len(ready_new)}/{count}")
+        deadline = max(
+            (seconds(t_.get("deadline", "120s")) for t_ in templates.values()), default=120
+        )
+        if done and not halted:
+            if rollout["state"] != "complete":
+                rollout["state"] = "complete"
+                rollout["finished_at"] = now_iso()
+                tx.event(env, "Normal", "RolledOut", f"{rel['name']} is live: {', '.join(summary)}")
+                for other in tx.children(env["id"], kinds=("release",)):
+                    if other["id"] != rel_id and other["status"].get("state") in ("active",):
+                        tx.update(other["id"], status=dict(other["status"], state="superseded"))
+                fresh = tx.get(rel_id)
+                assert fresh is not None
+                tx.update(rel_id, status=dict(fresh["status"], state="active", ever_active=True))
+            st["release"] = rel_id
+            st["release_name"] = rel["name"]
+            set_condition(
+                st, "Ready", "true", "RolloutComplete", f"{rel['name']}: {', '.join(summary)}"
+            )
+            st["observed_generation"] = gen
+            st["rollout"] = rollout
+            self._write(tx, env, st, before)
+            return None
+        if not halted and _age(rollout["started_at"], now) > deadline:
+            why = (
+                f"new instances of {rel['name']} did not all become healthy within "
+                f"{deadline:g}s ({', '.join(summary)}); the previous instances keep serving"
+            )
+            for name in templates:
+                w = tx.find("workload", env["id"], name)
+                if w is None:
+                    continue
+                for ins in tx.children(w["id"], kinds=("instance",)):
+                    if ins["spec"]["release"] == rel_id and not _ready(ins):
+                        _stop(tx, ins, f"rollout of {rel['name']} halted")
+            rollout["state"] = "halted"
+            rollout["finished_at"] = now_iso()
+            set_condition(st, "Failed", "true", "RolloutHalted", why)
+            set_condition(st, "Ready", "false", "RolloutHalted", why)
+            fresh = tx.get(rel_id)
+            assert fresh is not None
+            tx.update(rel_id, status=dict(fresh["status"], state="failed", message=why))
+            tx.event(env, "Warning", "RolloutHalted", why)
+            st["observed_generation"] = gen
+            st["rollout"] = rollout
+            self._write(tx, env, st, before)
+            return 2.0
+        if not halted:
+            set_condition(
+                st, "Ready", "false", "RollingOut", f"{rel['name']}: {', '.join(summary)} ready"
+            )
+        st["rollout"] = rollout
+        self._write(tx, env, st, before)
+        return 1.0
+
+    def _new_instance(
+        self, tx: Tx, wl: dict[str, Any], rel: dict[str, Any], tmpl: dict[str, Any]
+    ) -> None:
+        name = f"{wl['name']}-{secrets.token_hex(2)}"
+        while tx.find("instance", wl["id"], name) is not None:
+            name = f"{wl['name']}-{secrets.token_hex(3)}"
+        cpu, mem = SIZES[tmpl.get("size", "small")]
+        ins = tx.create(
+            "instance",
+            name,
+            parent=wl["id"],
+            spec={
+                "release": rel["id"],
+                "release_name": rel["name"],
+                "desired": "running",
+                "node": None,
+                "cpu_millis": cpu,
+                "memory_mb": mem,
+            },
+            status={"state": "pending", "health": "unknown", "restart_count": 0},
+        )
+        tx.event(ins, "Normal", "Created", f"instance for {rel['name']} ({tmpl.get('size')})")
+
+    @staticmethod
+    def _write(
+        tx: Tx, env: dict[str, Any], st: dict[str, Any], before: dict[str, Any] | None
+    ) -> None:
+        if st == env["status"]:
+            return
+        new = tx.update(env["id"], status=st)
+        after = get_condition(st, "Ready")
+        if (
+            after
+            and (before or {}).get("reason") != after["reason"]
+            and after["reason"] in ("NothingDeployed",)
+        ):
+            tx.event(new, "Normal", after["reason"], after["message"])
+
+
+class Scheduler:
+    name = "scheduler"
+    kinds = ("instance",)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def reconcile(self, key: str) -> float | None:
+        with self.store.write() as tx:
+            ins = tx.get(key, for_update=True)
+            if ins is None or ins["metadata"]["deleting"]:
+                return None
+            spec = ins["spec"]
+            if spec.get("desired", "running") != "running":
+                # never placed and no longer wanted: nothing on any node to clean up
+                if not spec.get("node"):
+                    tx.event(ins, "Normal", "Removed", "stopped before it was placed")
+                    tx.delete(ins["id"])
+                elif ins["status"].get("state") == "destroyed":
+                    tx.delete(ins["id"])
+                return None
+            if spec.get("node"):
+                return None
+            return self._place(tx, ins)
+
+    def _place(self, tx: Tx, ins: dict[str, Any]) -> float | None:
+        import sqlalchemy as sa
+
+        from cove.store import schema as t
+        from cove.store.db import resource_from_row
+
+        nodes = [
+            resource_from_row(r)
+            for r in tx.conn.execute(
+                sa.select(t.resources)
+                .where(t.resources.c.kind == "node")
+                .order_by(t.resources.c.id)
+            ).mappings()
+        ]
+        placed = [
+            resource_from_row(r)
+            for r in tx.conn.execute(
+                sa.select(t.resources).where(t.resources.c.kind == "instance")
+            ).mappings()
+        ]
+        placed = [
+            p for p in placed if p["spec"].get("node") and p["spec"].get("desired") == "running"
+        ]
+        want_mem = int(ins["spec"].get("memory_mb", 256))
+        want_cpu = int(ins["spec"].get("cpu_millis", 500))
+        reasons: list[str] = []
+        candidates: list[tuple[tuple[int, int], dict[str, Any], str]] = []
+        for n in nodes:
+            label = f"node {n['name']}"
+            if not _ready(n):
+                reasons.append(f"{label} is not Ready")
+                continue
+            if n["spec"].get("cordoned"):
+                reasons.append(f"{label} is cordoned")
+                continue
+            sched = get_condition(n["status"], "Schedulable")
+            if sched is None or sched["status"] != "true":
+                why = sched["message"] if sched else "not schedulable"
+                reasons.append(f"{label}: {why}")
+                continue
+            alloc = n["status"].get("allocatable") or n["status"].get("capacity") or {}
+            mem_total = int(alloc.get("memory_mb", 0))
+            cpu_total = int(float(alloc.get("vcpu", 0)) * 1000 * CPU_OVERCOMMIT)
+            on_node = [p for p in placed if p["spec"]["node"] == n["id"]]
+            mem_used = sum(int(p["spec"].get("memory_mb", 256)) for p in on_node)
+            cpu_used = sum(int(p["spec"].get("cpu_millis", 500)) for p in on_node)
+            if mem_used + want_mem > mem_total:
+                reasons.append(
+                    f"{label} lacks memory ({mem_total - mem_used} MiB free, {want_mem} needed)"
+                )
+                continue
+            if cpu_used + want_cpu > cpu_total:
+                reasons.append(f"{label} lacks CPU")
+                continue
+            same = sum(
+                1 for p in on_node if p["parent"] and p["parent"]["id"] == ins["parent"]["id"]
+            )
+            free = mem_total - mem_used - want_mem
+            why = f"{same} other instance(s) of this workload there, {free} MiB left after"
+            candidates.append(((same, -free), n, why))
+        st = dict(ins["status"])
+        if not candidates:
+            msg = "no node can take it: " + ("; ".join(reasons) if reasons else "no nodes joined")
+            changed = set_condition(st, "Scheduled", "false", "Unschedulable", msg)
+            if changed:
+                tx.update(ins["id"], status=st)
+                tx.event(ins, "Warning", "FailedScheduling", msg)
+            return 5.0
+        candidates.sort(key=lambda c: c[0])
+        _, node, why = candidates[0]
+        msg = f"placed on node {node['name']}: {why}"
+        set_condition(st, "Scheduled", "true", "Placed", msg)
+        st.update(state="placed", placement=msg, node=node["id"], node_name=node["name"])
+        new = tx.update(ins["id"], spec=dict(ins["spec"], node=node["id"]), status=st)
+        tx.event(new, "Normal", "Scheduled", msg)
+        return None
