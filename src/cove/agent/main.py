@@ -1,21 +1,30 @@
-"""``cove agent``: joins the cluster through the public API (node credentials) and
-heartbeats. It is just another API client: no in-process shortcuts.
+"""``cove agent``: the node agent. It joins the cluster through the public API (node
+credentials), heartbeats, long-polls the instances placed on its node and makes the runtime
+match them: pull by digest, create, start, health checks, restarts with backoff, logs
+shipped to the API, stop and destroy. It is just another API client.
 
-It has no runtime driver yet, and says so: the node reports ``driver: none`` and the
-server marks it ``Schedulable=false (NoRuntime)``.
+Instances run under per-instance supervisors (``cove.runtime``) that outlive the agent; a
+restarted agent adopts them without restarting them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
-import threading
+from pathlib import Path
 from typing import Any
 
 from cove import __version__, errors
-from cove.client import Client
+from cove.agent.instance import InstanceWorker, NodeContext
+from cove.agent.network import AddressPool
+from cove.client import AsyncClient
 
 log = logging.getLogger("cove.agent")
 HEARTBEAT_SECONDS = 5.0
@@ -35,13 +44,200 @@ def capacity() -> dict[str, float]:
 
 
 def default_name() -> str:
-    import re
-
     raw = socket.gethostname().lower()
     name = re.sub(r"[^a-z0-9-]+", "-", raw).strip("-")[:40] or "node"
     if not name[0].isalpha():
         name = "n-" + name[:37]
     return name.rstrip("-")
+
+
+def _traversable(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in path.resolve().parents if p.exists())
+
+
+def default_state_dir(home: Path) -> Path:
+    """Sandboxes run as unprivileged host users that must reach their rootfs, so the state
+    dir needs o+x on every parent; under a private home it moves to /var/lib/cove."""
+    wanted = home / "agent"
+    if _traversable(wanted):
+        return wanted
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:10]
+    return Path("/var/lib/cove") / f"agent-{digest}"
+
+
+def probe_driver(requested: str, state_dir: Path) -> tuple[Any | None, str, str]:
+    """(driver, name, detail). ``auto`` picks sandbox when its pieces are present."""
+    if requested == "none":
+        return None, "none", "runtime disabled (--driver none)"
+    if requested in ("auto", "sandbox"):
+        missing = []
+        if shutil.which("bwrap") is None:
+            missing.append("bubblewrap (bwrap) is not installed")
+        if not Path("/sys/fs/cgroup/memory").is_dir():
+            missing.append("the cgroup v1 memory controller is not mounted")
+        if os.geteuid() != 0:
+            missing.append("the agent is not running as root")
+        if missing:
+            if requested == "sandbox":
+                raise errors.UserError(
+                    "the sandbox driver can't run here: " + "; ".join(missing),
+                    hint="install bubblewrap and run the agent as root on a cgroup v1 host",
+                )
+            return None, "none", "no runtime: " + "; ".join(missing)
+        from cove.runtime import SandboxDriver
+
+        detail = (
+            "bubblewrap sandboxes (namespaces, shifted ids, no capabilities, seccomp, "
+            "cgroup limits) - weaker isolation than a microVM"
+        )
+        return SandboxDriver(state_dir / "runtime"), "sandbox", detail
+    raise errors.UserError(
+        f"unknown driver {requested!r}", hint="use sandbox, none or auto (microvm comes later)"
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        server: str,
+        join_token: str,
+        *,
+        name: str | None = None,
+        region: str = "local",
+        state_dir: Path,
+        driver: str = "auto",
+        bridge: str = "cove0",
+        pool4: str = "10.213.0.0/24",
+        pool6: str = "fd00:c0e:0:1::/64",
+    ) -> None:
+        self.server = server
+        self.join_token = join_token
+        self.name = name or default_name()
+        self.region = region
+        self.state_dir = state_dir
+        self.requested_driver = driver
+        self.bridge = bridge
+        self.pool4, self.pool6 = pool4, pool6
+        self.workers: dict[str, InstanceWorker] = {}
+        self.stopping = asyncio.Event()
+
+    async def _register(self, driver_name: str, detail: str) -> tuple[str, str] | None:
+        delay = 0.5
+        client = AsyncClient(self.server)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    res = await client.post(
+                        "/v1/nodes/register",
+                        {
+                            "name": self.name,
+                            "join_token": self.join_token,
+                            "region": self.region,
+                            "capacity": capacity(),
+                            "driver": driver_name,
+                            "driver_detail": detail,
+                            "version": __version__,
+                        },
+                    )
+                    return str(res["node"]["id"]), str(res["token"])
+                except errors.Unauthenticated as exc:
+                    log.error("the server refused the join token: %s", exc.detail)
+                    return None
+                except errors.CoveError as exc:
+                    log.warning("can't register yet (%s); retrying in %.1fs", exc.detail, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay)
+                    delay = min(delay * 2, 10.0)
+            return None
+        finally:
+            await client.aclose()
+
+    async def run(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        driver, driver_name, detail = probe_driver(self.requested_driver, self.state_dir)
+        if driver is None:
+            log.warning("%s", detail)
+        else:
+            log.info("runtime driver: %s (%s)", driver_name, detail)
+        reg = await self._register(driver_name, detail)
+        if reg is None:
+            return
+        node_id, token = reg
+        log.info("node %s (%s) registered with %s", self.name, node_id, self.server)
+        client = AsyncClient(self.server, token, timeout=90.0)
+        ctx = NodeContext(
+            client=client,
+            node_id=node_id,
+            driver=driver,
+            driver_name=driver_name,
+            state_dir=self.state_dir,
+            pool=AddressPool(self.state_dir / "net", self.bridge, self.pool4, self.pool6),
+        )
+        adopted: set[str] = set()
+        if driver is not None:
+            adopted = set(await driver.adopt())
+            if adopted:
+                log.info("adopted %d running instance(s): %s", len(adopted), sorted(adopted))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._heartbeat(client, node_id))
+                tg.create_task(self._assignments(ctx, adopted, tg))
+                await self.stopping.wait()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            for w in self.workers.values():
+                w.cancel()
+            await client.aclose()
+            log.info("agent stopped (instances keep running under their supervisors)")
+
+    async def _heartbeat(self, client: AsyncClient, node_id: str) -> None:
+        while True:
+            try:
+                await client.post(f"/v1/nodes/{node_id}/heartbeat", {"capacity": capacity()})
+            except errors.Unauthenticated:
+                log.error("node credentials refused (another agent registered this node?)")
+                self.stopping.set()
+                return
+            except errors.CoveError as exc:
+                log.warning("heartbeat failed: %s", exc.detail)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _assignments(
+        self, ctx: NodeContext, adopted: set[str], tg: asyncio.TaskGroup
+    ) -> None:
+        since = 0
+        while True:
+            try:
+                data = await ctx.client.get(
+                    f"/v1/nodes/{ctx.node_id}/assignments", since=since, wait=25, timeout=60
+                )
+            except errors.CoveError as exc:
+                log.warning("can't fetch assignments: %s", exc.detail)
+                await asyncio.sleep(1.0)
+                continue
+            since = int(data["revision"])
+            seen = set()
+            for item in data["items"]:
+                iid = item["instance"]["id"]
+                seen.add(iid)
+                w = self.workers.get(iid)
+                if w is None or w.finished:
+                    w = InstanceWorker(ctx, item, adopted=iid in adopted)
+                    self.workers[iid] = w
+                    w.task = tg.create_task(w.run())
+                else:
+                    w.update(item)
+            for iid, w in list(self.workers.items()):
+                if iid not in seen:
+                    w.update(None)  # gone from the API: stop and clean up
+                if w.finished:
+                    self.workers.pop(iid, None)
+
+
+class _Stop(Exception):
+    pass
 
 
 def run_agent(
@@ -50,69 +246,15 @@ def run_agent(
     *,
     name: str | None = None,
     region: str = "local",
-    stop: threading.Event | None = None,
+    state_dir: Path,
+    driver: str = "auto",
 ) -> None:
-    stop = stop or threading.Event()
+    agent = Agent(server, join_token, name=name, region=region, state_dir=state_dir, driver=driver)
 
-    def on_signal(_s: int, _f: Any) -> None:
-        stop.set()
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stopping.set)
+        await agent.run()
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    name = name or default_name()
-    node_id, token = _register(server, join_token, name, region, stop)
-    if node_id is None:
-        return
-    log.info(
-        "node %s (%s) registered with %s; heartbeat every %.0fs",
-        name,
-        node_id,
-        server,
-        HEARTBEAT_SECONDS,
-    )
-    with Client(server, token) as c:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            try:
-                c.post(f"/v1/nodes/{node_id}/heartbeat", {"capacity": capacity()})
-            except errors.Unauthenticated:
-                log.warning("node credentials refused; registering again")
-                nid, tok = _register(server, join_token, name, region, stop)
-                if nid is None:
-                    return
-                node_id = nid
-                c.close()
-                c = Client(server, tok)
-            except errors.CoveError as exc:
-                log.warning("heartbeat failed: %s", exc.detail)
-    log.info("agent stopped")
-
-
-def _register(
-    server: str, join_token: str, name: str, region: str, stop: threading.Event
-) -> tuple[str | None, str]:
-    delay = 0.5
-    with Client(server) as c:
-        while not stop.is_set():
-            try:
-                res = c.post(
-                    "/v1/nodes/register",
-                    {
-                        "name": name,
-                        "join_token": join_token,
-                        "region": region,
-                        "capacity": capacity(),
-                        "driver": "none",
-                        "version": __version__,
-                        "driver_detail": "no runtime driver in this build: nothing can be placed",
-                    },
-                )
-                return str(res["node"]["id"]), str(res["token"])
-            except errors.Unauthenticated as exc:
-                log.error("the server refused the join token: %s", exc.detail)
-                return None, ""
-            except errors.CoveError as exc:
-                log.warning("can't register yet (%s); retrying in %.1fs", exc.detail, delay)
-                stop.wait(delay)
-                delay = min(delay * 2, 10.0)
-    return None, ""
+    asyncio.run(main())

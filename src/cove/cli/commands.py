@@ -705,9 +705,15 @@ def register(app: typer.Typer) -> None:
             extra[kind.name](g)
         if kind.name == "event":
             events_group = g  # `cove events` alone streams; see its callback below
+        if kind.name == "secret":
+            secrets_group = g
         app.add_typer(g, name=kind.plural)
         for alias in kind.aliases:
             app.add_typer(g, name=alias, hidden=True)
+
+    from cove.cli import deploy as deploy_cmds
+
+    deploy_cmds.register(app, secrets_group)
 
     @app.command("use", help="Set the current org/project (and optionally app and env).")
     def use(

@@ -99,6 +99,19 @@ def _cell(res: dict[str, Any], col: str) -> Text | str:
         return want if want == have else f"{have} -> {want}"
     if col == "state":
         return str(res["status"].get("state") or "-")
+    if col == "version":
+        return str(res["spec"].get("release_name") or res["spec"].get("number") or "-")
+    if col == "health":
+        h = str(res["status"].get("health") or "-")
+        return Text(h, style={"passing": "green", "failing": "red"}.get(h, "yellow"))
+    if col == "restarts":
+        return str(res["status"].get("restart_count", 0))
+    if col == "node":
+        return str(res["status"].get("node_name") or res["spec"].get("node") or "-")
+    if col == "image":
+        return str(res["spec"].get("image") or "-")
+    if col == "reason":
+        return str(res["spec"].get("reason") or "-")
     if col == "driver":
         return str(res["status"].get("driver") or "-")
     if col == "action":
@@ -143,13 +156,13 @@ def events(items: list[dict[str, Any]], fmt: Format) -> None:
     resources("event", items, fmt)
 
 
-def event_line(ev: dict[str, Any]) -> None:
+def event_line(ev: dict[str, Any], stream: Console | None = None) -> None:
     p = ev.get("parent") or {}
     style = "red" if ev["spec"]["type"] == "Warning" else "cyan"
     count = ev["status"].get("count", 1)
     times = f" (x{count})" if count > 1 else ""
     ts = ev["status"]["last_seen"][11:19]
-    out.print(
+    (stream or out).print(
         Text.assemble(
             (f"{ts} ", "dim"),
             (f"{ev['spec']['reason']:<18}", style),

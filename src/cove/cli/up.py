@@ -70,6 +70,10 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[
             float, typer.Option("--timeout", help="seconds to wait for the API")
         ] = 60.0,
+        driver: Annotated[
+            str,
+            typer.Option("--driver", help="the agent's runtime: sandbox, none or auto"),
+        ] = "auto",
     ) -> None:
         run = config.run_dir()
         run.mkdir(parents=True, exist_ok=True)
@@ -84,7 +88,7 @@ def register(app: typer.Typer) -> None:
             log = config.log_dir() / "cove.log"
             with open(log, "ab") as lf:
                 proc = subprocess.Popen(
-                    [*_cove_cmd(), "up", "--host", host, "--port", str(port)],
+                    [*_cove_cmd(), "up", "--host", host, "--port", str(port), "--driver", driver],
                     stdin=subprocess.DEVNULL,
                     stdout=lf,
                     stderr=lf,
@@ -109,7 +113,7 @@ def register(app: typer.Typer) -> None:
                 time.sleep(0.1)
             proc.terminate()
             raise errors.WaitTimeout(f"cove did not answer within {timeout:g}s", hint=f"see {log}")
-        _foreground(host, port, timeout)
+        _foreground(host, port, timeout, driver)
 
     @app.command("down", help="Stop the cove started by `cove up`.")
     def down(
@@ -195,11 +199,20 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--name", help="node name (default: host name)")
         ] = None,
         region: Annotated[str, typer.Option("--region", help="region this node is in")] = "local",
+        driver: Annotated[
+            str, typer.Option("--driver", help="sandbox, none or auto (sandbox when it can run)")
+        ] = "auto",
+        state_dir: Annotated[
+            Path | None,
+            typer.Option(
+                "--state-dir", help="runtime state and image cache (default: COVE_HOME/agent)"
+            ),
+        ] = None,
         log_level: Annotated[
             str, typer.Option("--log-level", help="debug, info, warning or error")
         ] = "info",
     ) -> None:
-        from cove.agent.main import run_agent
+        from cove.agent.main import default_state_dir, run_agent
         from cove.server import setup_logging
 
         setup_logging(log_level)
@@ -215,10 +228,17 @@ def register(app: typer.Typer) -> None:
                 raise errors.UserError(
                     f"no join token ({f} unreadable)", hint="pass --join-token or --join-token-file"
                 ) from exc
-        run_agent(url, token, name=name, region=region)
+        run_agent(
+            url,
+            token,
+            name=name,
+            region=region,
+            driver=driver,
+            state_dir=state_dir or default_state_dir(config.home()),
+        )
 
 
-def _foreground(host: str, port: int, timeout: float) -> None:
+def _foreground(host: str, port: int, timeout: float, driver: str) -> None:
     """Supervise a server and an agent until SIGINT/SIGTERM, then stop both."""
     run = config.run_dir()
     url_file = run / "api.url"
@@ -259,7 +279,9 @@ def _foreground(host: str, port: int, timeout: float) -> None:
             config.update(api_url=url)
             output.notice(f"cove API: {url}   data: {config.data_dir()}")
             agent = subprocess.Popen(
-                [*_cove_cmd(), "agent", "--server", url], env=env, stdin=subprocess.DEVNULL
+                [*_cove_cmd(), "agent", "--server", url, "--driver", driver],
+                env=env,
+                stdin=subprocess.DEVNULL,
             )
             procs.append(agent)
             output.notice("cove is up; Ctrl-C stops it")

@@ -144,3 +144,51 @@ class Client:
                         yield json.loads(line)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client` (used by the node agent)."""
+
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"User-Agent": "cove-agent"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        timeout: float | None = None,
+    ) -> Any:
+        try:
+            resp = await self._http.request(
+                method,
+                path,
+                params=Client._params(params),
+                json=json_body,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            raise errors.Transient(
+                f"can't reach the cove API at {self.base_url} ({type(exc).__name__})",
+                hint="is the server running?",
+                code="unreachable",
+            ) from exc
+        return Client._decode(resp)
+
+    async def get(self, path: str, *, timeout: float | None = None, **params: Any) -> Any:
+        return await self.request("GET", path, params=params, timeout=timeout)
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        return await self.request("POST", path, json_body=body)
+
+    async def put(self, path: str, body: Any = None) -> Any:
+        return await self.request("PUT", path, json_body=body)

@@ -101,7 +101,8 @@ class RolloutController:
         scale = env["spec"].get("scale") or {}
         halted = rollout["state"] == "halted"
         done = True
-        summary = []
+        summary: list[str] = []
+        broken: list[str] = []  # new instances that failed for good: no point waiting
         # workloads the release no longer has: stop their instances, then remove them
         for name, wl in workloads.items():
             if name in templates or wl["metadata"]["deleting"]:
@@ -149,6 +150,10 @@ class RolloutController:
                             _stop(tx, ins, f"scaled {name} down to {count}")
             if len(ready_new) < count or old or len(new) > count:
                 done = False
+            for ins in new:
+                failed = get_condition(ins["status"], "Failed")
+                if failed and failed["status"] == "true":
+                    broken.append(f"{ins['name']}: {failed.get('message', '')}")
             ready_all = sum(1 for i in active if _ready(i))
             wst = dict(
                 wl["status"],
@@ -185,11 +190,17 @@ class RolloutController:
             st["rollout"] = rollout
             self._write(tx, env, st, before)
             return None
-        if not halted and _age(rollout["started_at"], now) > deadline:
-            why = (
-                f"new instances of {rel['name']} did not all become healthy within "
-                f"{deadline:g}s ({', '.join(summary)}); the previous instances keep serving"
-            )
+        if not halted and (broken or _age(rollout["started_at"], now) > deadline):
+            if broken:
+                why = (
+                    f"new instances of {rel['name']} failed ({'; '.join(broken)[:500]}); "
+                    "the previous instances keep serving"
+                )
+            else:
+                why = (
+                    f"new instances of {rel['name']} did not all become healthy within "
+                    f"{deadline:g}s ({', '.join(summary)}); the previous instances keep serving"
+                )
             for name in templates:
                 w = tx.find("workload", env["id"], name)
                 if w is None:

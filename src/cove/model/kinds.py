@@ -82,6 +82,7 @@ KINDS: tuple[Kind, ...] = (
         ("environment",),
         specs.EmptySpec,
         "an immutable release: image digest, workloads, env vars, secrets version",
+        columns=("name", "id", "reason", "image", "state", "age"),
     ),
     Kind(
         "workload",
@@ -98,7 +99,7 @@ KINDS: tuple[Kind, ...] = (
         ("workload",),
         specs.EmptySpec,
         "one isolated unit on one node",
-        columns=("name", "id", "state", "ready", "age"),
+        columns=("name", "id", "version", "node", "state", "health", "restarts", "ready", "age"),
     ),
     Kind(
         "endpoint",
