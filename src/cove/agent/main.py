@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cove import __version__, errors
+from cove.agent import execs
 from cove.agent.instance import InstanceWorker, NodeContext
 from cove.agent.network import AddressPool
 from cove.client import AsyncClient
@@ -181,6 +182,8 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeat(client, node_id))
+                if driver is not None:
+                    tg.create_task(execs.channel(self.server, token, node_id, driver))
                 tg.create_task(self._assignments(ctx, adopted, tg))
                 await self.stopping.wait()
                 raise _Stop

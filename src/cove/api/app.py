@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cove import __version__, deferred, errors
 from cove.api import auth, deploys, problems, service
+from cove.api import exec as exec_relay
 from cove.ids import looks_like_id
 from cove.model.kinds import KINDS, Kind, get_kind, kind_by_name, kind_by_prefix
 from cove.model.resource import Resource, get_condition, is_caught_up
@@ -848,6 +849,7 @@ def create_app(
     # -- generic per-kind routes ----------------------------------------------------------------
 
     deploys.register(app, api, master_key or MasterKey.ephemeral())
+    exec_relay.register(app, api)
     for kind in KINDS:
         _register_kind(app, api, kind, principal, user, accepted)
 

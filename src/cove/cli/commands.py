@@ -714,6 +714,9 @@ def register(app: typer.Typer) -> None:
     from cove.cli import deploy as deploy_cmds
 
     deploy_cmds.register(app, secrets_group)
+    from cove.cli import exec as exec_cmds
+
+    exec_cmds.register(app)
 
     @app.command("use", help="Set the current org/project (and optionally app and env).")
     def use(
