@@ -24,6 +24,7 @@ import httpx
 
 from cove import errors
 from cove.agent.network import AddressPool
+from cove.agent.volumes import Volumes
 from cove.client import AsyncClient
 
 log = logging.getLogger("cove.agent")
@@ -46,6 +47,7 @@ class NodeContext:
     driver_name: str
     state_dir: Path
     pool: AddressPool
+    volumes: Volumes
 
 
 @dataclass
@@ -103,6 +105,11 @@ class InstanceWorker:
     def update(self, item: dict[str, Any] | None) -> None:
         self.item = item
         self.changed.set()
+
+    def volumes(self) -> list[dict[str, Any]]:
+        if self.finished or self.item is None:
+            return []
+        return list(self.item.get("volumes") or [])
 
     def cancel(self) -> None:
         if self.shipper is not None:
@@ -206,7 +213,7 @@ class InstanceWorker:
 
     async def _start(self) -> None:
         from cove import image as image_mod
-        from cove.runtime import InstanceSpec, NetConfig
+        from cove.runtime import InstanceSpec, NetConfig, VolumeMount
 
         assert self.item is not None
         ins = self.item["instance"]
@@ -249,6 +256,14 @@ class InstanceWorker:
                 COVE_WORKLOAD=ins["parent"]["name"],
                 COVE_RELEASE=rel["name"],
             )
+            mounts = []
+            for v in self.item.get("volumes") or []:
+                host = await self.ctx.volumes.ensure(v["id"], int(v["size_gb"]))
+                mounts.append(VolumeMount(host_path=host, container_path=v["path"]))
+            want = {m["volume"] for m in ins["spec"].get("mounts") or []}
+            have = {v["name"] for v in self.item.get("volumes") or []}
+            if want - have:
+                raise errors.NotFound(f"volume(s) {', '.join(sorted(want - have))} not found")
             ipv4, ipv6 = self.ctx.pool.allocate(self.iid)
             self.ipv4 = ipv4.split("/")[0]
             spec = InstanceSpec(
@@ -262,6 +277,7 @@ class InstanceWorker:
                 memory_mb=int(ins["spec"].get("memory_mb", 256)),
                 cpu_millis=int(ins["spec"].get("cpu_millis", 500)),
                 secrets_json=secrets_json,
+                volumes=mounts,
                 network=NetConfig(
                     bridge=self.ctx.pool.bridge,
                     ipv4=ipv4,

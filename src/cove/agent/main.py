@@ -25,6 +25,7 @@ from cove import __version__, errors
 from cove.agent import execs
 from cove.agent.instance import InstanceWorker, NodeContext
 from cove.agent.network import AddressPool
+from cove.agent.volumes import Volumes
 from cove.client import AsyncClient
 
 log = logging.getLogger("cove.agent")
@@ -173,6 +174,7 @@ class Agent:
             driver_name=driver_name,
             state_dir=self.state_dir,
             pool=AddressPool(self.state_dir / "net", self.bridge, self.pool4, self.pool6),
+            volumes=Volumes(self.state_dir / "volumes"),
         )
         adopted: set[str] = set()
         if driver is not None:
@@ -232,6 +234,15 @@ class Agent:
                     w.task = tg.create_task(w.run())
                 else:
                     w.update(item)
+            for vol_id in data.get("release_volumes") or []:
+                if any(vol_id in {v["id"] for v in w.volumes()} for w in self.workers.values()):
+                    continue  # still mounted by an instance that is going away
+                try:
+                    await ctx.volumes.delete(vol_id)
+                    await ctx.client.post(f"/v1/volumes/{vol_id}/released")
+                    log.info("deleted the data of volume %s", vol_id)
+                except errors.CoveError as exc:
+                    log.warning("can't delete volume %s: %s", vol_id, exc.detail)
             for iid, w in list(self.workers.items()):
                 if iid not in seen:
                     w.update(None)  # gone from the API: stop and clean up

@@ -151,6 +151,16 @@ def register(app: FastAPI, api: Any, master: MasterKey) -> None:
             with store.write() as tx:
                 env = tx.get(ctx.env["id"], for_update=True)
                 assert env is not None
+                for wname, tmpl in body.workloads.items():
+                    for m in tmpl.mounts:
+                        vol = tx.find("volume", env["id"], m.volume)
+                        if vol is None or vol["metadata"]["deleting"]:
+                            raise errors.UserError(
+                                f"workload {wname} mounts volume {m.volume}, which does not "
+                                f"exist in environment {env['name']}",
+                                hint=f"create it first: cove volumes create {m.volume} --size 1GB",
+                                code="volume_missing",
+                            )
                 bundle = _bundle(tx, env)
                 spec = {
                     "image": body.image,
@@ -517,15 +527,58 @@ def register(app: FastAPI, api: Any, master: MasterKey) -> None:
                     host = None
                 c = registry_creds(str(r["org_id"]), host)
                 creds = {"username": c[0], "password": c[1]} if c else None
+            mounts = []
+            for m in ins["spec"].get("mounts") or []:
+                vol = store.find("volume", r["env_id"], m["volume"])
+                if vol is not None:
+                    mounts.append(
+                        {
+                            "id": vol["id"],
+                            "name": vol["name"],
+                            "path": m["path"],
+                            "size_gb": vol["spec"]["size_gb"],
+                        }
+                    )
             out.append(
                 {
                     "instance": ins,
                     "release": release,
                     "env_id": r["env_id"],
                     "pull_credentials": creds,
+                    "volumes": mounts,
                 }
             )
-        return {"revision": rev, "items": out}
+        with store.read() as conn:
+            vols = [
+                resource_from_row(v)
+                for v in conn.execute(
+                    sa.select(t.resources).where(
+                        t.resources.c.kind == "volume", t.resources.c.deleting.is_(True)
+                    )
+                ).mappings()
+            ]
+        release_vols = [
+            v["id"]
+            for v in vols
+            if v["spec"].get("node") == node_id and not v["status"].get("released")
+        ]
+        return {"revision": rev, "items": out, "release_volumes": release_vols}
+
+    @app.post("/v1/volumes/{vol_id}/released", tags=["nodes"], summary="Volume data deleted")
+    async def volume_released(vol_id: str, who: Who) -> dict[str, Any]:
+        """The node deleted a destroyed volume's data; the resource can go."""
+
+        def run() -> dict[str, Any]:
+            node_id = node_only(who)
+            with store.write() as tx:
+                vol = tx.get(vol_id, for_update=True)
+                if vol is None or vol["kind"] != "volume" or vol["spec"].get("node") != node_id:
+                    raise errors.NotFound(f"no volume {vol_id} on this node")
+                tx.update(vol_id, status=dict(vol["status"], released=True))
+                tx.event(vol, "Normal", "DataDeleted", "the node deleted the volume's data")
+            return {"volume": vol_id, "released": True}
+
+        return await run_in_threadpool(run)
 
     @app.put("/v1/instances/{ins_id}/status", tags=["nodes"], summary="Report instance status")
     async def report_status(ins_id: str, body: InstanceStatusBody, who: Who) -> dict[str, Any]:

@@ -114,9 +114,40 @@ def update_resource(
     return receipt(op, new)
 
 
+def _attached_to(tx: Tx, vol: dict[str, Any]) -> list[str]:
+    """Instances that want to run with this volume mounted."""
+    import sqlalchemy as sa
+
+    from cove.store import schema as t
+    from cove.store.db import resource_from_row
+
+    env_id = vol["parent"]["id"] if vol.get("parent") else None
+    rows = tx.conn.execute(
+        sa.select(t.resources).where(
+            t.resources.c.kind == "instance", t.resources.c.env_id == env_id
+        )
+    ).mappings()
+    out = []
+    for r in rows:
+        ins = resource_from_row(r)
+        if ins["status"].get("state") == "destroyed":
+            continue
+        if any(m.get("volume") == vol["name"] for m in ins["spec"].get("mounts") or []):
+            out.append(ins["name"])
+    return out
+
+
 def delete_resource(
     tx: Tx, who: Principal, res: dict[str, Any], *, expected_revision: int | None = None
 ) -> dict[str, Any]:
+    if res["kind"] == "volume":
+        users = _attached_to(tx, res)
+        if users:
+            raise errors.Conflict(
+                f"volume {res['name']} is attached to {', '.join(users)}",
+                hint="remove the mount from cove.toml and deploy, or scale the workload to 0",
+                code="volume_attached",
+            )
     new = tx.update(res["id"], deleting=True, expected_revision=expected_revision)
     if not res["metadata"]["deleting"]:
         tx.event(new, "Normal", "Deleting", f"deletion requested by {actor(who, new)}")

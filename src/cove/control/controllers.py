@@ -68,17 +68,17 @@ class StatusController:
                 set_condition(
                     status, "Ready", "true", "EnvironmentsReady", "prod, staging and dev exist"
                 )
-            elif kind in ("endpoint", "volume"):
-                what = (
-                    "allocates endpoint addresses" if kind == "endpoint" else "provisions volumes"
-                )
+            elif kind == "volume" and res["spec"].get("node"):
                 set_condition(
-                    status,
-                    "Ready",
-                    "false",
-                    "WaitingForNode",
-                    f"accepted; no node agent on this cluster {what} yet",
+                    status, "Ready", "true", "Placed", f"data lives on node {res['spec']['node']}"
                 )
+            elif kind in ("endpoint", "volume"):
+                msg = (
+                    "accepted; no node agent on this cluster allocates endpoint addresses yet"
+                    if kind == "endpoint"
+                    else "accepted; it is placed on a node with the first instance that mounts it"
+                )
+                set_condition(status, "Ready", "false", "WaitingForNode", msg)
             elif kind == "secret":
                 n = len(res["spec"].get("keys") or [])
                 v = res["spec"].get("version", 0)
@@ -124,6 +124,12 @@ class GarbageCollector:
                             c, "Normal", "Deleting", f"{res['kind']} {res['name']} is being deleted"
                         )
                 return 0.5
+            if (
+                res["kind"] == "volume"
+                and res["spec"].get("node")
+                and not res["status"].get("released")
+            ):
+                return 1.0  # the node deletes the data first, then reports it released
             tx.event(res, "Normal", "Deleted", f"{res['kind']} {res['name']} deleted")
             if res["kind"] == "org":
                 import sqlalchemy as sa

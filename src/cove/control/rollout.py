@@ -246,6 +246,7 @@ class RolloutController:
                 "node": None,
                 "cpu_millis": cpu,
                 "memory_mb": mem,
+                "mounts": list(tmpl.get("mounts") or []),
             },
             status={"state": "pending", "health": "unknown", "restart_count": 0},
         )
@@ -315,6 +316,26 @@ class Scheduler:
         placed = [
             p for p in placed if p["spec"].get("node") and p["spec"].get("desired") == "running"
         ]
+        # volume locality: an instance goes where its volumes' data lives
+        volumes: list[dict[str, Any]] = []
+        env_id = tx.row(ins["id"])["env_id"]  # type: ignore[index]
+        for m in ins["spec"].get("mounts") or []:
+            vol = tx.find("volume", env_id, m["volume"])
+            if vol is None or vol["metadata"]["deleting"]:
+                st0 = dict(ins["status"])
+                msg = f"volume {m['volume']} does not exist in this environment"
+                if set_condition(st0, "Scheduled", "false", "VolumeMissing", msg):
+                    tx.update(ins["id"], status=st0)
+                    tx.event(ins, "Warning", "FailedScheduling", msg)
+                return 5.0
+            volumes.append(vol)
+        pinned = {v["spec"].get("node") for v in volumes if v["spec"].get("node")}
+        if len(pinned) > 1:
+            nodes = []
+        elif pinned:
+            home = next(iter(pinned))
+            by_id = {n["id"]: n for n in nodes}
+            nodes = [by_id[home]] if home in by_id else []
         want_mem = int(ins["spec"].get("memory_mb", 256))
         want_cpu = int(ins["spec"].get("cpu_millis", 500))
         reasons: list[str] = []
@@ -355,6 +376,11 @@ class Scheduler:
         st = dict(ins["status"])
         if not candidates:
             msg = "no node can take it: " + ("; ".join(reasons) if reasons else "no nodes joined")
+            if pinned:
+                names = [v["name"] for v in volumes]
+                msg = f"volume data ({', '.join(names)}) lives on a node that can't take it: " + (
+                    "; ".join(reasons) if reasons else "the node is gone"
+                )
             changed = set_condition(st, "Scheduled", "false", "Unschedulable", msg)
             if changed:
                 tx.update(ins["id"], status=st)
@@ -362,6 +388,12 @@ class Scheduler:
             return 5.0
         candidates.sort(key=lambda c: c[0])
         _, node, why = candidates[0]
+        for vol in volumes:
+            if not vol["spec"].get("node"):
+                tx.update(vol["id"], spec=dict(vol["spec"], node=node["id"]))
+                tx.event(vol, "Normal", "Placed", f"data lives on node {node['name']} from now on")
+        if volumes:
+            why += "; volume data lives there"
         msg = f"placed on node {node['name']}: {why}"
         set_condition(st, "Scheduled", "true", "Placed", msg)
         st.update(state="placed", placement=msg, node=node["id"], node_name=node["name"])
