@@ -27,6 +27,7 @@ APT_PACKAGES=(
   # sandbox runtime (cove.runtime): bubblewrap namespaces, veth/bridge networking
   bubblewrap
   iproute2
+  e2fsprogs # mkfs.ext4: volumes are ext4 filesystems in files, loop-mounted
 )
 
 cd "$(dirname "$0")/.."

@@ -157,7 +157,7 @@ def test_status_route_shows_every_environment(client: TestClient, store: Store) 
     assert sorted(e["environment"]["name"] for e in envs) == ["dev", "prod", "staging"]
     for e in envs:
         assert e["caught_up"] is True
-        assert e["desired"] == {"release": None, "scale": {}}
+        assert e["desired"] == {"release": None, "release_name": None, "scale": {}}
     prod = get(client, user, "/v1/status", project="shop", app="web", env="prod")
     assert [e["environment"]["name"] for e in prod["apps"][0]["environments"]] == ["prod"]
     assert prod["apps"][0]["environments"][0]["current"]["workloads"] == {

@@ -289,6 +289,7 @@ class InstanceWorker:
             await self._send(state="starting", message="creating the sandbox")
             await self.ctx.driver.create(spec)
             await self.ctx.driver.start(self.iid)
+            await self._until_running()
         except (errors.UserError, errors.NotFound, errors.Unauthenticated, errors.Conflict) as exc:
             self.failed_for_good = True
             await self._event("Warning", "StartFailed", f"{exc.detail}")
@@ -311,14 +312,25 @@ class InstanceWorker:
             addresses=addresses,
             started_at=now_iso(),
         )
+        shown = " ".join(" ".join(argv).split())
+        shown = shown if len(shown) <= 100 else shown[:97] + "..."
         await self._event(
             "Normal",
             "Started",
-            f"{' '.join(argv)[:200]} as user {spec.user} on {self.ctx.driver_name} "
-            f"(image ready in {pulled:.2f}s)",
+            f"{shown} as user {spec.user} on {self.ctx.driver_name} (image ready in {pulled:.2f}s)",
         )
         await self._prepare_checks()
         self._start_shipper()
+
+    async def _until_running(self, timeout: float = 5.0) -> None:
+        """After a start, wait for the new run to be recorded, so the previous run's exit
+        status is not mistaken for a crash of this one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = await self.ctx.driver.status(self.iid)
+            if st.state == "running":
+                return
+            await asyncio.sleep(0.05)
 
     async def _prepare_checks(self) -> None:
         if self.item is None:
@@ -460,6 +472,7 @@ class InstanceWorker:
         if self.desired != "running":
             return
         await self.ctx.driver.start(self.iid)
+        await self._until_running()
         self.run_started = time.monotonic()
         await self._prepare_checks()
         self.report.restart_count += 1

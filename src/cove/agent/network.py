@@ -42,15 +42,27 @@ class AddressPool:
         return str(self.net6.network_address + 1)
 
     def allocate(self, instance_id: str) -> tuple[str, str]:
-        """(ipv4/len, ipv6/len) for the instance; the same answer every time."""
+        """(ipv4/len, ipv6/len) for the instance; the same answer every time.
+
+        Addresses are handed out round-robin, not lowest-free: a just-released address
+        would still sit in the host's neighbour cache with the old instance's MAC, and
+        the new instance would be unreachable until that entry expired."""
         doc = self._load()
         if instance_id not in doc:
-            used = set(doc.values())
-            last = self.net4.num_addresses - 2  # not the broadcast address
-            index = next((i for i in range(2, last + 1) if i not in used), None)
+            used = {v for k, v in doc.items() if not k.startswith("_")}
+            first, last = 2, self.net4.num_addresses - 2  # not the broadcast address
+            cursor = doc.get("_next", first)
+            span = last - first + 1
+            index = None
+            for step in range(span):
+                i = first + (cursor - first + step) % span
+                if i not in used:
+                    index = i
+                    break
             if index is None:
                 raise errors.Transient(f"no free address in {self.net4} on this node")
             doc[instance_id] = index
+            doc["_next"] = index + 1
             self._save(doc)
         i = doc[instance_id]
         return (

@@ -951,6 +951,11 @@ def _event_filter(
     return None, api.context(who, org, project, app, env)
 
 
+def _release_name(store: Store, rel_id: str | None) -> str | None:
+    row = store.get_row(rel_id) if rel_id else None
+    return None if row is None else str(row["name"])
+
+
 def _status(
     api: Api,
     who: auth.Principal,
@@ -986,10 +991,12 @@ def _status(
                     "environment": service.ref(e),
                     "desired": {
                         "release": e["spec"].get("release"),
+                        "release_name": _release_name(store, e["spec"].get("release")),
                         "scale": e["spec"].get("scale", {}),
                     },
                     "current": {
                         "release": e["status"].get("release"),
+                        "release_name": e["status"].get("release_name"),
                         "workloads": {
                             w["name"]: {
                                 "desired": w["spec"].get("count", 0),

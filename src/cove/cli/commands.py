@@ -879,8 +879,8 @@ def register(app: typer.Typer) -> None:
                 )
                 t.add_row(
                     e["environment"]["name"],
-                    e["desired"]["release"] or "-",
-                    e["current"]["release"] or "-",
+                    e["desired"].get("release_name") or e["desired"]["release"] or "-",
+                    e["current"].get("release_name") or e["current"]["release"] or "-",
                     wtxt,
                     Text("yes", style="green") if e["caught_up"] else Text("no", style="yellow"),
                     rt,

@@ -74,7 +74,7 @@ def follow_operation(
     fmt: Format,
 ) -> dict[str, Any]:
     """Stream the environment's events until the operation settles; raise on failure."""
-    cursor = max(0, int(rec["revision"]) - 50)
+    cursor = int(rec.get("_since") or max(0, int(rec["revision"]) - 5))
     deadline = time.monotonic() + timeout
     params = {k: v for k, v in scope.items() if v}
     seen: set[tuple[str, int]] = set()
@@ -129,10 +129,12 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
         sc = _scope(ctx, org, project, app_, env)
         if fmt is Format.table:
             output.notice(f"resolving {ref} ...")
+        since = _head(client)
         rec = client.post(
             "/v1/deploys",
             dict(sc, image=ref, workloads=workloads, variables=variables, description=description),
         )
+        rec["_since"] = since
         _after(client, rec, sc, detach, timeout, fmt)
 
     @app.command("rollback", help="Roll back to a prior release (default: the one before).")
@@ -149,7 +151,9 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
     ) -> None:
         client, ctx = session(api_url=api_url)
         sc = _scope(ctx, org, project, app_, env)
+        since = _head(client)
         rec = client.post("/v1/rollbacks", dict(sc, to=to))
+        rec["_since"] = since
         _after(client, rec, sc, detach, timeout, fmt)
 
     @app.command("logs", help="Logs of an environment's instances, merged (-f to follow).")
@@ -223,7 +227,9 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
             values[k] = sys.stdin.read().rstrip("\n") if v == "-" else v
         client, ctx = session(api_url=api_url)
         sc = _scope(ctx, org, project, app_, env)
+        since = _head(client)
         rec = client.post(f"/v1/environments/{sc.pop('env')}/secrets", dict(sc, set=values))
+        rec["_since"] = since
         _after(client, rec, dict(sc, env=env or ctx.env or "prod"), detach, timeout, fmt)
 
     @secrets_group.command("unset", help="Remove secrets by name (makes a new release).")
@@ -240,7 +246,9 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
     ) -> None:
         client, ctx = session(api_url=api_url)
         sc = _scope(ctx, org, project, app_, env)
+        since = _head(client)
         rec = client.post(f"/v1/environments/{sc.pop('env')}/secrets", dict(sc, unset=keys))
+        rec["_since"] = since
         _after(client, rec, dict(sc, env=env or ctx.env or "prod"), detach, timeout, fmt)
 
     @secrets_group.command("list", help="Secret names, versions and digests (never values).")
@@ -316,6 +324,11 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
             output.out.print(f"{r['host']}  {r['username']}  {r['created_at']}")
 
 
+def _head(client: Client) -> int:
+    """The store's revision now: progress shows only what happens after it."""
+    return int(client.get("/healthz").get("revision", 0))
+
+
 def _after(
     client: Client,
     rec: dict[str, Any],
@@ -324,16 +337,18 @@ def _after(
     timeout: str,
     fmt: Format,
 ) -> None:
+    since = rec.pop("_since", None)
     if detach:
         output.receipt(rec, fmt)
         return
+    rec_follow = dict(rec, _since=since)
     if fmt is Format.table:
         rel = rec.get("release")
         what = f"release {rel['name']}" if rel else rec["resource"]["name"]
         output.notice(
             f"{what}: operation {rec['operation']} (Ctrl-C stops watching, not the deploy)"
         )
-    op = follow_operation(client, rec, scope, parse_duration(timeout), fmt)
+    op = follow_operation(client, rec_follow, scope, parse_duration(timeout), fmt)
     if fmt is Format.table:
         output.out.print(f"[green]done[/green]: {op['status'].get('message', '')}")
     else:
