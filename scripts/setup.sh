@@ -10,8 +10,7 @@
 # Safe to run repeatedly, from any directory, with CI=true and no stdin.
 set -euo pipefail
 
-# Debian packages needed by cove. Later work adds e.g. bubblewrap, skopeo,
-# umoci, docker-registry, qemu-system-x86 here.
+# Debian packages needed by cove (tests, images, the sandbox runtime, volumes).
 APT_PACKAGES=(
   postgresql
   tmux

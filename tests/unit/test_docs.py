@@ -4,6 +4,9 @@
 - docs/cli.md and docs/deferred.md are exactly what scripts/gen_cli_docs.py generates now;
 - every API route in the OpenAPI schema has a summary or docstring, and docs/api.md covers
   every kind's route family with what the API really allows on it;
+- docs/cove-toml.md documents every key of cove.toml (the top-level keys the CLI accepts and
+  every field of the workload schema, with its default and choices), every size, and an
+  example that the CLI and the API accept;
 - the README names the two set-up commands.
 """
 
@@ -15,15 +18,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import typer
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
+from cove import errors
 from cove.api import create_app
+from cove.api.deploys import DeployBody
+from cove.cli.deploy import load_workloads
 from cove.cli.main import build
 from cove.model.kinds import KINDS
+from cove.model.workload import SIZES, Check, Mount, Restart, WorkloadTemplate
 from cove.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,6 +191,147 @@ def test_api_docs_list_the_problem_codes() -> None:
     codes += ["too_large", "not_in_v1", "unavailable", "internal", "method_not_allowed"]
     for code in codes:
         assert f"| `{code}` |" in text, f"docs/api.md: no row for problem code {code}"
+
+
+# --------------------------------------------------------------------------- cove.toml
+
+COVE_TOML = DOCS / "cove-toml.md"
+
+# model -> the heading (its start) of the docs/cove-toml.md section whose table documents it
+SCHEMA_SECTIONS: dict[type[BaseModel], str] = {
+    WorkloadTemplate: "## Workload keys",
+    Check: "### Checks",
+    Restart: "### Restart",
+    Mount: "### Mounts",
+}
+
+
+def _section(heading: str) -> str:
+    """The text of the docs/cove-toml.md section that starts with *heading*, up to the next
+    heading of any level."""
+    text = COVE_TOML.read_text()
+    m = re.search(rf"^{re.escape(heading)}.*$", text, re.M)
+    assert m is not None, f"docs/cove-toml.md has no section '{heading} ...'"
+    rest = text[m.end() :]
+    end = re.search(r"^#{1,6} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def _table(heading: str) -> dict[str, list[str]]:
+    """{key: [cells after the first]} for the table rows of a section; a first cell that
+    names several keys (`org`, `project`) gives each of them a row."""
+    rows: dict[str, list[str]] = {}
+    for line in _section(heading).splitlines():
+        if not line.startswith("| `"):
+            continue
+        first, *cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        for key in re.findall(r"`([^`]+)`", first):
+            rows[key] = cells
+    return rows
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value!r}`"
+
+
+def _documented_default(field: Any) -> str | None:
+    """What the Default column must say for a schema field (None: free text allowed)."""
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, list | dict):
+            return f"`{value!r}`"
+        return None  # a nested table (restart): its own section documents its defaults
+    if field.default is None:
+        return None
+    return _toml_literal(field.default)
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    if get_origin(annotation) is Literal:
+        return tuple(str(a) for a in get_args(annotation))
+    return ()
+
+
+SCHEMA_FIELDS = [
+    (model, name, field) for model in SCHEMA_SECTIONS for name, field in model.model_fields.items()
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "field"),
+    SCHEMA_FIELDS,
+    ids=[f"{m.__name__}.{n}" for m, n, _ in SCHEMA_FIELDS],
+)
+def test_cove_toml_docs_every_workload_field(model: type[BaseModel], name: str, field: Any) -> None:
+    heading = SCHEMA_SECTIONS[model]
+    rows = _table(heading)
+    assert name in rows, (
+        f"docs/cove-toml.md: no row for `{name}` ({model.__name__}) in section '{heading}'"
+    )
+    _type, default, *_rest = rows[name]
+    want = _documented_default(field)
+    if want is not None:
+        assert default == want, (
+            f"docs/cove-toml.md: `{name}` ({model.__name__}) has default {default!r}; "
+            f"the code says {want}"
+        )
+    row = " | ".join(rows[name])
+    for choice in _choices(field.annotation):
+        assert f"`{choice}`" in row, (
+            f"docs/cove-toml.md: `{name}` ({model.__name__}) does not mention `{choice}`"
+        )
+
+
+def test_cove_toml_docs_document_nothing_the_schema_lacks() -> None:
+    for model, heading in SCHEMA_SECTIONS.items():
+        extra = set(_table(heading)) - set(model.model_fields)
+        assert not extra, f"docs/cove-toml.md '{heading}' documents unknown keys {sorted(extra)}"
+
+
+def test_cove_toml_docs_cover_the_top_level_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cove.toml").write_text("surely_not_a_key = 1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.UserError) as refused:
+        load_workloads("registry.example.com/app:1")
+    hint = refused.value.hint or ""
+    assert "top-level keys are " in hint, hint
+    accepted = set(hint.split("top-level keys are ", 1)[1].split(", "))
+    documented = set(_table("## Top-level keys"))
+    assert accepted == documented, (
+        f"docs/cove-toml.md top-level keys: missing {sorted(accepted - documented)}, "
+        f"not accepted {sorted(documented - accepted)}"
+    )
+
+
+def test_cove_toml_docs_list_every_size() -> None:
+    rows = _table("### Sizes")
+    assert set(rows) == set(SIZES), "docs/cove-toml.md: the sizes table differs from SIZES"
+    for size, (millis, memory_mb) in SIZES.items():
+        assert rows[size][:2] == [f"{millis / 1000:g}", str(memory_mb)], size
+
+
+def test_cove_toml_docs_example_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", COVE_TOML.read_text(), re.S)
+    assert blocks, "docs/cove-toml.md has no ```toml example"
+    (tmp_path / "cove.toml").write_text(blocks[0])
+    monkeypatch.chdir(tmp_path)
+    image, workloads, variables = load_workloads(None)
+    body = DeployBody.model_validate(
+        {"image": image, "workloads": workloads, "variables": variables}
+    )
+    assert {"web", "worker"} <= set(body.workloads)
+    assert any(w.mounts for w in body.workloads.values()), "the example mounts a volume"
+    assert {c.type for w in body.workloads.values() for c in w.checks} >= {"http", "exec"}
 
 
 # --------------------------------------------------------------------------- README

@@ -90,6 +90,8 @@ class InstanceWorker:
             last_exit_code=st.get("last_exit_code"),
             last_termination_reason=st.get("last_termination_reason"),
             started_at=st.get("started_at"),
+            # an adopted instance keeps its addresses: report them, don't blank them
+            addresses=dict(st.get("addresses") or {}),
         )
         self._sent: tuple[Any, ...] | None = None
         self.started = adopted
@@ -227,16 +229,17 @@ class InstanceWorker:
             creds = (creds_doc["username"], creds_doc["password"]) if creds_doc else None
             insecure = _loopback(ref.registry)
             t0 = time.monotonic()
-            resolved = await image_mod.resolve(ref, creds=creds, tls_verify=not insecure)
-            if resolved.digest != rel["spec"]["digest"]:
-                raise errors.UserError(
-                    f"the image changed: {resolved.digest} is not the release's "
-                    f"{rel['spec']['digest']}",
-                    code="image_changed",
-                )
-            img = await image_mod.pull(
-                resolved, self.ctx.state_dir / "images", creds=creds, tls_verify=not insecure
-            )
+            cache = self.ctx.state_dir / "images"
+            img = image_mod.load_cached(cache, rel["spec"]["digest"])
+            if img is None:  # content-addressed: a cached digest needs no registry at all
+                resolved = await image_mod.resolve(ref, creds=creds, tls_verify=not insecure)
+                if resolved.digest != rel["spec"]["digest"]:
+                    raise errors.UserError(
+                        f"the image changed: {resolved.digest} is not the release's "
+                        f"{rel['spec']['digest']}",
+                        code="image_changed",
+                    )
+                img = await image_mod.pull(resolved, cache, creds=creds, tls_verify=not insecure)
             pulled = time.monotonic() - t0
             argv = list(tmpl.get("command") or img.config.argv)
             if not argv:
@@ -424,6 +427,17 @@ class InstanceWorker:
         await self._event("Warning", "Unhealthy", msg)
         await self._send(state="stopping", health="failing", ready=False, message=msg)
         st = await self.ctx.driver.stop(self.iid, timeout=10.0)
+        _, tmpl = self._template()
+        if (tmpl.get("restart") or {}).get("policy", "always") == "never":
+            self.failed_for_good = True
+            await self._send(
+                state="failed",
+                ready=False,
+                last_exit_code=st.exit_code,
+                last_termination_reason="health",
+                message=f"{msg[: -len('; restarting')]}; restart policy never",
+            )
+            return
         await self._restart(exit_code=st.exit_code, reason="health", message=msg)
 
     async def _exited(self, st: Any) -> None:

@@ -951,6 +951,37 @@ def _event_filter(
     return None, api.context(who, org, project, app, env)
 
 
+def _check_environment_change(tx: Any, cur: dict[str, Any], spec: dict[str, Any]) -> None:
+    """What a PATCH may change on an environment: the scale of the release's workloads.
+    The release itself moves only through deploys and rollbacks, which check it."""
+    if spec.get("release") != cur["spec"].get("release"):
+        raise errors.UserError(
+            "an environment's release changes only through a deploy or a rollback",
+            hint="cove deploy, or cove rollback vN",
+            code="release_readonly",
+        )
+    rel = tx.get(cur["spec"]["release"]) if cur["spec"].get("release") else None
+    templates = rel["spec"]["workloads"] if rel else {}
+    for name, count in (spec.get("scale") or {}).items():
+        if (cur["spec"].get("scale") or {}).get(name) == count:
+            continue
+        if name not in templates:
+            known = ", ".join(sorted(templates)) or "none: nothing is deployed yet"
+            raise errors.UserError(
+                f"no workload {name!r} in the current release (workloads: {known})",
+                hint="scale a workload the deployed release has",
+                code="unknown_workload",
+            )
+        if count > 100:
+            raise errors.UserError(f"at most 100 instances of {name}", code="too_many")
+        if templates[name].get("mounts") and count > 1:
+            raise errors.UserError(
+                f"workload {name} mounts a volume, so it runs at most one instance",
+                hint=f"cove scale {name}=1 (or 0)",
+                code="volume_bound",
+            )
+
+
 def _release_name(store: Store, rel_id: str | None) -> str | None:
     row = store.get_row(rel_id) if rel_id else None
     return None if row is None else str(row["name"])
@@ -1315,6 +1346,8 @@ def _register_kind(
                     if data.get("spec") is not None:
                         merged = dict(cur["spec"], **data["spec"])
                         spec = kind.spec_model.model_validate(merged).model_dump(mode="json")
+                        if kind.name == "environment":
+                            _check_environment_change(tx, cur, spec)
                     return service.update_resource(
                         tx,
                         who,

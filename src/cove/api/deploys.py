@@ -9,6 +9,7 @@ stays linear.
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -142,6 +143,13 @@ def register(app: FastAPI, api: Any, master: MasterKey) -> None:
         from cove import image as image_mod
 
         ref = image_mod.parse_ref(body.image)
+        if ref.is_local and os.environ.get("COVE_LOCAL_IMAGES") != "1":
+            raise errors.UserError(
+                f"local image references ({ref.transport}:) are off on this server: they "
+                "read paths on the server's own disk",
+                hint="push the image to a registry; `cove up` (one machine) turns them on",
+                code="local_images_off",
+            )
         creds = await run_in_threadpool(registry_creds, ctx.org["id"], ref.registry)
         resolved = await image_mod.resolve(
             ref, creds=creds, tls_verify=not _loopback(ref.registry), timeout=60.0

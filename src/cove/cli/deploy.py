@@ -45,6 +45,10 @@ def _scope(
 def load_workloads(image: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(image, workloads, variables) from flags and ``cove.toml``."""
     doc = config.app_toml()
+    _deferred_keys("cove.toml", doc)
+    for wname, w in (doc.get("workloads") or {}).items():
+        if isinstance(w, dict):
+            _deferred_keys(f"cove.toml [workloads.{wname}]", w)
     known = {"app", "org", "project", "env", "image", "workloads", "variables", "endpoints"}
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -64,6 +68,16 @@ def load_workloads(image: str | None) -> tuple[str, dict[str, Any], dict[str, st
     if not isinstance(variables, dict):
         raise errors.UserError("cove.toml: [variables] is a table of strings")
     return str(image), workloads, {str(k): str(v) for k, v in variables.items()}
+
+
+def _deferred_keys(where: str, table: dict[str, Any]) -> None:
+    """A cove.toml key that reaches for something v1 does not do gets the explanation."""
+    from cove import deferred
+
+    for key in table:
+        d = deferred.for_field("environment", f"spec.{key}")
+        if d is not None:
+            raise d.error(f"{where}: {key}")
 
 
 def follow_operation(
@@ -160,12 +174,8 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
     def logs(
         follow: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming")] = False,
         since: Annotated[str | None, typer.Option("--since", help="e.g. 10m, 1h")] = None,
-        workload: Annotated[
-            str | None, typer.Option("--workload", "-w", help="one workload")
-        ] = None,
-        instance: Annotated[
-            str | None, typer.Option("--instance", "-i", help="one instance")
-        ] = None,
+        workload: Annotated[str | None, typer.Option("--workload", help="one workload")] = None,
+        instance: Annotated[str | None, typer.Option("--instance", help="one instance")] = None,
         tail: Annotated[int, typer.Option("--tail", help="lines of history")] = 200,
         org: OrgOpt = None,
         project: ProjectOpt = None,

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--instance", help="instance name or ID")
         ] = None,
         workload: Annotated[
-            str | None, typer.Option("--workload", "-w", help="any Ready instance of it")
+            str | None, typer.Option("--workload", help="any Ready instance of it")
         ] = None,
         interactive: Annotated[
             bool, typer.Option("--interactive", "-i", help="send stdin")

@@ -245,6 +245,8 @@ def _foreground(host: str, port: int, timeout: float, driver: str) -> None:
     url_file.unlink(missing_ok=True)
     (run / "up.pid").write_text(f"{os.getpid()}\n")
     env = dict(os.environ, COVE_HOME=str(config.home()))
+    # one machine, one operator: deploys may name local image paths (oci:DIR, archives)
+    env.setdefault("COVE_LOCAL_IMAGES", "1")
     server = subprocess.Popen(
         [*_cove_cmd(), "server", "--host", host, "--port", str(port), "--url-file", str(url_file)],
         env=env,

@@ -182,16 +182,17 @@ class OperationController:
                 failed = get_condition(target["status"], "Failed")
                 ready = get_condition(target["status"], "Ready")
                 observed = target["status"].get("observed_generation") or 0
-                if failed and failed["status"] == "true":
+                if observed < spec["target_generation"]:
+                    message = "waiting for the change to be taken up"  # status is older
+                elif failed and failed["status"] == "true":
                     state, message = "failed", f"{failed['reason']}: {failed.get('message', '')}"
-                elif observed >= spec["target_generation"]:
-                    if ready and ready["status"] == "true":
-                        state, message = "succeeded", ready.get("message") or "ready"
-                    elif ready and ready.get("reason") in ("WaitingForNode", "AwaitingRollout"):
-                        # accepted and recorded; the rest is up to nodes that come later
-                        state, message = "succeeded", f"accepted: {ready.get('message', '')}"
-                    else:
-                        message = ready.get("message", "") if ready else "waiting for status"
+                elif ready and ready["status"] == "true":
+                    state, message = "succeeded", ready.get("message") or "ready"
+                elif ready and ready.get("reason") == "WaitingForNode":
+                    # accepted and recorded; the rest is up to nodes that come later
+                    state, message = "succeeded", f"accepted: {ready.get('message', '')}"
+                else:
+                    message = ready.get("message", "") if ready else "waiting for status"
             age = _age(op["metadata"]["created_at"], self.clock()) or 0.0
             if state == "running" and age > self.deadline:
                 state, message = "failed", f"did not settle within {self.deadline:g}s: {message}"

@@ -145,7 +145,8 @@ class RolloutController:
                         _stop(tx, ins, f"replaced by {rel['name']}")
                     extra = len(new) - count
                     if extra > 0:  # scale down: not-ready first, then newest
-                        order = sorted(new, key=lambda i: (_ready(i), i["id"]))
+                        newest_first = sorted(new, key=lambda i: i["id"], reverse=True)
+                        order = sorted(newest_first, key=_ready)  # stable: not-ready first
                         for ins in order[:extra]:
                             _stop(tx, ins, f"scaled {name} down to {count}")
             if len(ready_new) < count or old or len(new) > count:
@@ -190,7 +191,10 @@ class RolloutController:
             st["rollout"] = rollout
             self._write(tx, env, st, before)
             return None
-        if not halted and (broken or _age(rollout["started_at"], now) > deadline):
+        # only a rollout in progress halts: once complete, an instance that later crashes or
+        # fails its checks is restarted by its agent, and the release stays (degraded)
+        progressing = rollout["state"] == "progressing"
+        if progressing and (broken or _age(rollout["started_at"], now) > deadline):
             if broken:
                 why = (
                     f"new instances of {rel['name']} failed ({'; '.join(broken)[:500]}); "
@@ -222,7 +226,11 @@ class RolloutController:
             return 2.0
         if not halted:
             set_condition(
-                st, "Ready", "false", "RollingOut", f"{rel['name']}: {', '.join(summary)} ready"
+                st,
+                "Ready",
+                "false",
+                "RollingOut" if progressing else "Degraded",
+                f"{rel['name']}: {', '.join(summary)} ready",
             )
         st["rollout"] = rollout
         self._write(tx, env, st, before)

@@ -53,7 +53,7 @@ class EnvironmentSpec(_Spec):
     """Desired state of an environment: which release runs and at what scale."""
 
     release: str | None = Field(default=None, max_length=64)
-    scale: dict[Name, Annotated[int, Field(ge=0, le=1000)]] = Field(default_factory=dict)
+    scale: dict[Name, Annotated[int, Field(ge=0, le=100)]] = Field(default_factory=dict)
     region: str | None = Field(default=None, max_length=40)
 
 

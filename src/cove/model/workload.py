@@ -77,8 +77,9 @@ class Mount(_Strict):
     def _no_dots(cls, v: str) -> str:
         if "\x00" in v or any(part in ("..", ".") for part in v.split("/")):
             raise ValueError("mount paths are absolute, without '.' or '..'")
-        if v in ("/", "/proc", "/dev", "/sys", "/run/cove"):
-            raise ValueError(f"can't mount a volume on {v}")
+        reserved = ("/proc", "/dev", "/sys", "/tmp", "/run/cove")
+        if v == "/" or any(v == r or v.startswith(r + "/") for r in reserved):
+            raise ValueError(f"can't mount a volume on {v}: / and {', '.join(reserved)} are taken")
         return v
 
 

@@ -32,6 +32,16 @@ def host_ifname(instance_id: str) -> str:
     return "cv" + hashlib.sha256(instance_id.encode()).hexdigest()[:12]
 
 
+def instance_mac(instance_id: str) -> str:
+    """The MAC of the instance's ``eth0``: fixed per instance (locally administered, unicast).
+
+    A restart is a new sandbox with a new veth; with a random MAC the host's neighbour cache
+    would keep the old one for the same addresses and the instance would be unreachable
+    (health checks time out) until that entry expired."""
+    digest = hashlib.sha256(b"mac\x00" + instance_id.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def validate(net: NetConfig) -> None:
     """Reject a NetConfig that cannot work, before anything is created."""
     if not net.bridge or len(net.bridge) > IFNAMSIZ or "/" in net.bridge or " " in net.bridge:
@@ -127,6 +137,7 @@ async def attach(net: NetConfig, instance_id: str, sandbox_pid: int) -> None:
             # (lo: bwrap brings it up with 127.0.0.1/::1 once released; touching it here
             # would make bwrap's own setup fail)
             eth = (await ipr.link_lookup(ifname="eth0"))[0]
+            await ipr.link("set", index=eth, address=instance_mac(instance_id))
             await ipr.addr("add", index=eth, address=str(v4.ip), prefixlen=v4.network.prefixlen)
             await ipr.addr(
                 "add",

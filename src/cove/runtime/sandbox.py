@@ -323,7 +323,11 @@ class SandboxDriver:
     async def _start(self, instance_id: str) -> None:
         p = self._existing(instance_id)
         if self._supervisor_alive(p) is not None:
-            return  # already running: nothing to do
+            if (await self.status(instance_id)).state != "exited":
+                return  # already running: nothing to do
+            # the last run ended and its supervisor is still winding down (it records the
+            # end, then exits): wait for it, or this start would silently do nothing
+            await self._wait_supervisor_gone(p, 5.0)
         spec = self._spec(p)
         await self._prepare(p, spec)
         unlink_quiet(p.stop_request)
@@ -403,6 +407,13 @@ class SandboxDriver:
         )
         atomic_write_json(p.status, st.to_json())
         return st
+
+    async def _wait_supervisor_gone(self, p: InstancePaths, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._supervisor_alive(p) is not None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self._kill_supervisor(p)  # (only if it is still there)
 
     async def _kill_supervisor(self, p: InstancePaths) -> None:
         sup = self._supervisor_alive(p)
