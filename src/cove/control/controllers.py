@@ -161,7 +161,13 @@ class OperationController:
         self.deadline = deadline
         self.clock = clock
 
+    # a pending operation looks again every 0.5 s by itself; settled ones never change
+    periodic_resync = False
+
     def reconcile(self, key: str) -> float | None:
+        row = self.store.get_row(key)  # read first: settled receipts take no write lock
+        if row is None or (row["status"] or {}).get("state") in ("succeeded", "failed"):
+            return None
         with self.store.write() as tx:
             op = tx.get(key, for_update=True)
             if op is None or op["status"].get("state") in ("succeeded", "failed"):

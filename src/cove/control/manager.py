@@ -143,10 +143,15 @@ class Manager:
         while True:
             try:
                 if time.monotonic() - last_resync > self.resync:
+                    first = last_resync == 0.0
                     self.revision = await asyncio.to_thread(self.store.head_revision)
-                    for kind in self._by_kind:
-                        for rid in await asyncio.to_thread(self.store.ids_of_kind, kind):
-                            self.enqueue(kind, rid)
+                    for c in self.controllers:
+                        # everything once at start; later only controllers that ask for it
+                        if not first and not getattr(c, "periodic_resync", True):
+                            continue
+                        for kind in c.kinds:
+                            for rid in await asyncio.to_thread(self.store.ids_of_kind, kind):
+                                self.queues[c.name].add(rid)
                     last_resync = time.monotonic()
                 changes = await asyncio.to_thread(self.store.changes_since, self.revision)
                 for ch in changes:
