@@ -254,6 +254,14 @@ class _Stop(Exception):
     pass
 
 
+def default_network(state_dir: Path) -> tuple[str, str, str]:
+    """(bridge, IPv4 pool, IPv6 pool) for this agent. Derived from its state dir, so two
+    installs on one host (two `cove up` homes) get their own bridge and addresses."""
+    h = hashlib.sha256(str(state_dir.resolve()).encode()).digest()
+    third = 16 + h[0] % 224  # 10.213.16.0/24 .. 10.213.239.0/24
+    return f"cv{h[1:5].hex()}", f"10.213.{third}.0/24", f"fd00:c0e:{h[5]:x}:{h[6]:x}::/64"
+
+
 def run_agent(
     server: str,
     join_token: str,
@@ -262,8 +270,20 @@ def run_agent(
     region: str = "local",
     state_dir: Path,
     driver: str = "auto",
+    network: tuple[str, str, str] | None = None,
 ) -> None:
-    agent = Agent(server, join_token, name=name, region=region, state_dir=state_dir, driver=driver)
+    bridge, pool4, pool6 = network or default_network(state_dir)
+    agent = Agent(
+        server,
+        join_token,
+        name=name,
+        region=region,
+        state_dir=state_dir,
+        driver=driver,
+        bridge=bridge,
+        pool4=pool4,
+        pool6=pool6,
+    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -92,7 +92,9 @@ def follow_operation(
     deadline = time.monotonic() + timeout
     params = {k: v for k, v in scope.items() if v}
     seen: set[tuple[str, int]] = set()
-    while True:
+
+    def show_new_events() -> None:
+        nonlocal cursor
         for ev in client.stream_lines(
             "/v1/events/stream", params=dict(params, since=cursor, follow=False)
         ):
@@ -103,6 +105,9 @@ def follow_operation(
             seen.add(key)
             if fmt is Format.table:
                 output.event_line(ev, stream=output.err)
+
+    while True:
+        show_new_events()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise errors.WaitTimeout(
@@ -116,9 +121,13 @@ def follow_operation(
                 params={"for": "done", "timeout": f"{min(1.0, remaining):.2f}s"},
                 timeout=40,
             )
-            return op
         except errors.WaitTimeout:
             continue
+        except errors.WaitFailed:
+            show_new_events()  # what went wrong, before the error itself
+            raise
+        show_new_events()  # the last events (Healthy, RolledOut) come with the outcome
+        return op
 
 
 def register(app: typer.Typer, secrets_group: typer.Typer) -> None:

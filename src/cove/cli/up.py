@@ -208,11 +208,20 @@ def register(app: typer.Typer) -> None:
                 "--state-dir", help="runtime state and image cache (default: COVE_HOME/agent)"
             ),
         ] = None,
+        bridge: Annotated[
+            str | None, typer.Option("--bridge", help="instances' bridge (default: per state dir)")
+        ] = None,
+        pool4: Annotated[
+            str | None, typer.Option("--pool4", help="instances' IPv4 pool, e.g. 10.213.5.0/24")
+        ] = None,
+        pool6: Annotated[
+            str | None, typer.Option("--pool6", help="instances' IPv6 pool, a /64")
+        ] = None,
         log_level: Annotated[
             str, typer.Option("--log-level", help="debug, info, warning or error")
         ] = "info",
     ) -> None:
-        from cove.agent.main import default_state_dir, run_agent
+        from cove.agent.main import default_network, default_state_dir, run_agent
         from cove.server import setup_logging
 
         setup_logging(log_level)
@@ -228,13 +237,16 @@ def register(app: typer.Typer) -> None:
                 raise errors.UserError(
                     f"no join token ({f} unreadable)", hint="pass --join-token or --join-token-file"
                 ) from exc
+        sdir = state_dir or default_state_dir(config.home())
+        dbridge, dpool4, dpool6 = default_network(sdir)
         run_agent(
             url,
             token,
             name=name,
             region=region,
             driver=driver,
-            state_dir=state_dir or default_state_dir(config.home()),
+            state_dir=sdir,
+            network=(bridge or dbridge, pool4 or dpool4, pool6 or dpool6),
         )
 
 

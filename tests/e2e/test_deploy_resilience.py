@@ -1,0 +1,163 @@
+"""Crashes of cove itself: the agent killed with SIGKILL (instances run on under their
+supervisors and are adopted, not restarted) and the server killed in the middle of a
+rollout (it converges after `cove up` again: no instance lost or duplicated). One
+``cove up`` for the module; the tests run in order and share one app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.fixtures.images import BuiltImage
+
+from .deploy_support import (  # noqa: F401  (fixtures)
+    HTTP_CHECK,
+    Cluster,
+    Deployment,
+    app_image,
+    builder,
+    cluster,
+    cove_pids,
+    is_ready,
+    one_pid,
+    process_alive,
+    runtime_status,
+    sandbox_ids,
+    ts,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def web(cluster: Cluster, app_image: BuiltImage) -> Deployment:  # noqa: F811
+    """Two healthy instances of v1."""
+    d = cluster.deployment()
+    d.write_toml(app_image.ref, count=2, checks=[HTTP_CHECK], deadline="30s")
+    r = d.deploy()
+    assert r.code == 0, f"{r}\n--- log ---\n{cluster.log()}"
+    return d
+
+
+@pytest.mark.timeout(90)
+def test_agent_killed_instances_run_on_and_are_adopted(
+    cluster: Cluster,  # noqa: F811
+    web: Deployment,
+) -> None:
+    before = {i["id"]: i for i in web.instances()}
+    assert len(before) == 2 and all(is_ready(i) for i in before.values())
+    sandboxes = {iid: runtime_status(cluster.state_dir, iid) for iid in before}
+    log_mark = len(cluster.log())
+
+    agent = one_pid(cluster.home, "agent")
+    os.kill(agent, signal.SIGKILL)
+    killed_at = time.time()
+    # `cove up` notices and starts another agent, which adopts what runs
+    successor = wait_for(
+        lambda: [p for p in cove_pids(cluster.home, "agent") if p != agent],
+        timeout=30,
+        what="cove up to restart the agent",
+    )
+    assert len(successor) == 1
+    wait_for(
+        lambda: "adopted 2 running instance(s)" in cluster.log()[log_mark:],
+        timeout=30,
+        what="the new agent to adopt both instances",
+    )
+    print(f"\nagent SIGKILL -> successor adopted both instances: {time.time() - killed_at:.2f}s")
+
+    # once the new agent has reported on both, look at what the API says
+    wait_for(
+        lambda: all(ts(i["status"]["reported_at"]) > killed_at for i in web.api_instances()),
+        timeout=30,
+        what="the new agent to report on both instances",
+    )
+    after = {i["id"]: i for i in web.instances()}
+    assert set(after) == set(before), "instances were replaced"
+    for iid, ins in after.items():
+        assert is_ready(ins), ins["status"]
+        assert ins["status"]["addresses"] == before[iid]["status"]["addresses"]
+        assert ins["status"]["restart_count"] == 0, ins["status"]
+        assert ins["status"]["started_at"] == before[iid]["status"]["started_at"]
+        now = runtime_status(cluster.state_dir, iid)
+        # the same supervisor and the same sandbox process ran on throughout
+        assert now["state"] == "running"
+        assert now["supervisor_pid"] == sandboxes[iid]["supervisor_pid"]
+        assert now["pid"] == sandboxes[iid]["pid"]
+        assert now["started_at"] == sandboxes[iid]["started_at"]
+        assert process_alive(now["supervisor_pid"]) and process_alive(now["pid"])
+
+    # the new agent really watches the adopted instances: kill one's sandbox, it restarts
+    victim = sorted(after)[0]
+    os.kill(sandboxes[victim]["pid"], signal.SIGKILL)
+
+    def restarted() -> dict[str, Any] | None:
+        ins = next((i for i in web.api_instances() if i["id"] == victim), None)
+        return ins if ins and ins["status"]["restart_count"] == 1 and is_ready(ins) else None
+
+    ins = wait_for(
+        restarted,
+        timeout=30,
+        what="the adopted instance to be restarted once and Ready",
+        explain=lambda: [(i["name"], i["status"]) for i in web.api_instances()],
+    )
+    assert ins["status"]["last_termination_reason"] in ("signal", "killed"), ins["status"]
+    other = next(i for i in web.api_instances() if i["id"] != victim)
+    assert other["status"]["restart_count"] == 0 and is_ready(other)
+
+
+@pytest.mark.timeout(150)
+def test_server_killed_mid_rollout_converges(
+    cluster: Cluster,  # noqa: F811
+    web: Deployment,
+    app_image: BuiltImage,  # noqa: F811
+) -> None:
+    # v2 takes a while to become Ready (grace), so the server dies in the middle of it
+    slow = dict(HTTP_CHECK, grace="3s")
+    web.write_toml(app_image.ref, count=2, env={"V": "2"}, checks=[slow], deadline="60s")
+    r = web.cove("deploy", "--detach")
+    assert r.code == 0, str(r)
+    wait_for(
+        lambda: [i for i in web.running("v2") if i["status"].get("state") == "running"],
+        timeout=30,
+        what="a v2 instance to be started",
+    )
+    assert not all(is_ready(i) for i in web.running("v2")), "too late: v2 is already Ready"
+
+    server = one_pid(cluster.home, "server")
+    up = one_pid(cluster.home, "up")
+    os.kill(server, signal.SIGKILL)
+    # `cove up` exits when its server dies (stopping its agent); nothing of it is left
+    wait_for(lambda: not cove_pids(cluster.home), timeout=30, what="cove up to exit")
+    assert not process_alive(up)
+
+    restarted_at = time.monotonic()
+    cluster.up()  # the same COVE_HOME, so the same database and agent state
+    final = web.wait_converged(2, "v2", timeout=90)
+    print(
+        f"\nserver SIGKILL mid-rollout: `cove up -d` again -> v2 converged in "
+        f"{time.monotonic() - restarted_at:.2f}s"
+    )
+    assert len({i["name"] for i in final}) == 2
+    listed = web.instances()
+    assert sorted(i["id"] for i in listed) == sorted(i["id"] for i in final)
+    assert all(is_ready(i) and i["spec"]["release_name"] == "v2" for i in listed)
+
+    # on the node: exactly those sandboxes (old ones torn down, none twice, none orphaned)
+    wait_for(
+        lambda: set(sandbox_ids(cluster.state_dir)) == {i["id"] for i in final},
+        timeout=30,
+        what=f"the node to run exactly {[i['id'] for i in final]}",
+    )
+    st = web.status()
+    assert st["ready"]["status"] == "true" and st["ready"]["reason"] == "RolloutComplete", st
+    assert st["current"]["workloads"]["web"] == {"desired": 2, "running": 2, "ready": 2}, st
+    v1, v2 = web.releases()
+    assert v2["status"]["state"] == "active" and v1["status"]["state"] == "superseded"
+    api = cluster.api()
+    nodes = api.call("GET", "/v1/nodes")["items"]
+    api.close()
+    assert len(nodes) == 1 and is_ready(nodes[0]), "the agent came back as the same node"
