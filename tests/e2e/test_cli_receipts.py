@@ -115,13 +115,13 @@ def test_wait_errors(alice: User, app_name: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_delete_with_wait_and_scale(alice: User, app_name: str) -> None:
+    # nothing is deployed: there is no workload to scale, and nothing changes
     r = alice.cove("scale", "web=2", "-a", app_name, "-e", "staging", "--wait", "-o", "json")
-    assert r.code == 0, str(r)
-    assert r.json()["state"] == "succeeded"
+    assert_clean_error(r, 1, "no workload 'web'", "nothing is deployed yet")
     r = alice.cove("environments", "describe", "staging", "-a", app_name, "-o", "json")
     env = r.json()
-    assert env["spec"]["scale"] == {"web": 2}
-    assert env["metadata"]["generation"] == 2 == env["status"]["observed_generation"]
+    assert env["spec"]["scale"] == {}
+    assert env["metadata"]["generation"] == 1 == env["status"]["observed_generation"]
 
     r = alice.cove("apps", "delete", app_name, "--yes", "--wait", "--timeout", "30s")
     assert r.code == 0, str(r)
