@@ -551,7 +551,7 @@ class InstanceWorker:
                 while not reader.done() or pending:
                     await asyncio.sleep(0.2)
                     while pending:
-                        batch, rest = pending[:1000], pending[1000:]
+                        batch = pending[:1000]
                         try:
                             await self.ctx.client.post(
                                 f"/v1/instances/{self.iid}/logs", {"lines": batch}
@@ -562,7 +562,8 @@ class InstanceWorker:
                             log.warning("%s: log shipping failed: %s", self.name, exc.detail)
                             await asyncio.sleep(1.0)
                             break
-                        pending[:] = rest
+                        # lines read while the POST was in flight are after the batch
+                        del pending[: len(batch)]
                         cursor = batch[-1]["seq"]
                         cursor_file.write_text(str(cursor))
             finally:

@@ -55,7 +55,7 @@ def load() -> dict[str, Any]:
 def save(doc: dict[str, Any]) -> None:
     p = config_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")  # two writers never share a temp file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2)

@@ -125,6 +125,10 @@ class Manager:
             for k in c.kinds:
                 self._by_kind.setdefault(k, []).append(c)
         self.revision = 0
+        # target id -> receipts (operations) not yet settled, so a change of the target
+        # wakes them at once instead of on their next poll
+        self._receipts: dict[str, set[str]] = {}
+        self._receipt_target: dict[str, str] = {}
 
     def enqueue(self, kind: str, key: str) -> None:
         for c in self._by_kind.get(kind, []):
@@ -144,7 +148,8 @@ class Manager:
             try:
                 if time.monotonic() - last_resync > self.resync:
                     first = last_resync == 0.0
-                    self.revision = await asyncio.to_thread(self.store.head_revision)
+                    if first:  # everything is enqueued below: start watching from here
+                        self.revision = await asyncio.to_thread(self.store.head_revision)
                     for c in self.controllers:
                         # everything once at start; later only controllers that ask for it
                         if not first and not getattr(c, "periodic_resync", True):
@@ -157,6 +162,11 @@ class Manager:
                 for ch in changes:
                     self.revision = max(self.revision, int(ch["revision"]))
                     self.enqueue(ch["kind"], ch["id"])
+                    if ch["kind"] == "operation" and ch["parent_id"]:
+                        self._receipts.setdefault(ch["parent_id"], set()).add(ch["id"])
+                        self._receipt_target[ch["id"]] = ch["parent_id"]
+                    for op_id in self._receipts.get(ch["id"], ()):
+                        self.enqueue("operation", op_id)  # a receipt settles with its target
                     if ch["parent_id"]:
                         k = kind_by_prefix(ch["parent_id"].split("_", 1)[0])
                         if k is not None:
@@ -185,5 +195,11 @@ class Manager:
                 q.forget(key)
                 if after is not None:
                     q.add_after(key, after)
+                elif key in self._receipt_target:  # settled: stop waking it
+                    target = self._receipt_target.pop(key)
+                    waiting = self._receipts.get(target, set())
+                    waiting.discard(key)
+                    if not waiting:
+                        self._receipts.pop(target, None)
             finally:
                 q.done(key)
