@@ -582,6 +582,9 @@ def teardown(home: Path, state_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
     problems = destroy_sandboxes(state_dir)
+    with contextlib.suppress(OSError, ValueError, KeyError):  # the agent's bridge goes too
+        bridge = json.loads((state_dir / "net" / "network.json").read_text())["bridge"]
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=10)
     from cove.runtime import rootfs
 
     if not problems and not rootfs.mounts_under(state_dir):

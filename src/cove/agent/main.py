@@ -254,12 +254,47 @@ class _Stop(Exception):
     pass
 
 
+def _ipv4_in_use() -> set[str]:
+    """The /24s of every IPv4 address on this host's interfaces (``10.213.37``)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {f.split("/")[0].rsplit(".", 1)[0] for f in out.split() if f.count(".") == 3}
+
+
 def default_network(state_dir: Path) -> tuple[str, str, str]:
-    """(bridge, IPv4 pool, IPv6 pool) for this agent. Derived from its state dir, so two
-    installs on one host (two `cove up` homes) get their own bridge and addresses."""
+    """(bridge, IPv4 pool, IPv6 pool) for this agent: its own bridge, and a /24 that no
+    interface on the host uses yet (two installs on one host must never share a subnet:
+    the host would route one's traffic to the other's bridge). Chosen once, then kept in
+    the state dir, so an agent restart keeps its addresses."""
+    import json
+
+    saved = state_dir / "net" / "network.json"
+    try:
+        doc = json.loads(saved.read_text())
+        return str(doc["bridge"]), str(doc["pool4"]), str(doc["pool6"])
+    except (OSError, ValueError, KeyError):
+        pass
     h = hashlib.sha256(str(state_dir.resolve()).encode()).digest()
-    third = 16 + h[0] % 224  # 10.213.16.0/24 .. 10.213.239.0/24
-    return f"cv{h[1:5].hex()}", f"10.213.{third}.0/24", f"fd00:c0e:{h[5]:x}:{h[6]:x}::/64"
+    used = _ipv4_in_use()
+    start = h[0] % 224
+    third = next(
+        (
+            16 + (start + i) % 224
+            for i in range(224)
+            if f"10.213.{16 + (start + i) % 224}" not in used
+        ),
+        16 + start,
+    )
+    net = (f"cv{h[1:5].hex()}", f"10.213.{third}.0/24", f"fd00:c0e:{third:x}:{h[6]:x}::/64")
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(dict(zip(("bridge", "pool4", "pool6"), net, strict=True))))
+    return net
 
 
 def run_agent(

@@ -749,7 +749,8 @@ class SandboxExecProcess:
 
     async def wait(self, timeout: float | None = None) -> int:
         try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+            return 128 - code if code < 0 else code  # the shell's convention for signals
         except TimeoutError:
             raise WaitTimeout(f"the command did not finish within {timeout}s") from None
 
