@@ -27,6 +27,7 @@ PUBLIC = {
     "gc",
     "is_mounted",
     "load_cached",
+    "on_loopback",
     "overlay_lowerdir",
     "parse_ref",
     "pull",

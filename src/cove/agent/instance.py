@@ -227,7 +227,7 @@ class InstanceWorker:
             ref = image_mod.parse_ref(rel["spec"]["image"]).pinned(rel["spec"]["digest"])
             creds_doc = self.item.get("pull_credentials")
             creds = (creds_doc["username"], creds_doc["password"]) if creds_doc else None
-            insecure = _loopback(ref.registry)
+            insecure = image_mod.on_loopback(ref.registry)
             t0 = time.monotonic()
             cache = self.ctx.state_dir / "images"
             img = image_mod.load_cached(cache, rel["spec"]["digest"])
@@ -580,10 +580,3 @@ def _describe_check(spec: dict[str, Any]) -> str:
     if spec["type"] == "http":
         return f"http check :{spec['port']}{spec.get('path', '/')}"
     return f"tcp check :{spec['port']}"
-
-
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    return name in ("127.0.0.1", "localhost", "[::1]")

@@ -152,7 +152,7 @@ def register(app: FastAPI, api: Any, master: MasterKey) -> None:
             )
         creds = await run_in_threadpool(registry_creds, ctx.org["id"], ref.registry)
         resolved = await image_mod.resolve(
-            ref, creds=creds, tls_verify=not _loopback(ref.registry), timeout=60.0
+            ref, creds=creds, tls_verify=not image_mod.on_loopback(ref.registry), timeout=60.0
         )
 
         def run() -> dict[str, Any]:
@@ -737,13 +737,6 @@ def register(app: FastAPI, api: Any, master: MasterKey) -> None:
         return values
 
     _ = asyncio
-
-
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    return name in ("127.0.0.1", "localhost", "[::1]")
 
 
 def _reason(state: str, health: str) -> str:

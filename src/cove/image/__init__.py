@@ -3,6 +3,7 @@
 The public surface (everything else in this package is private)::
 
     parse_ref(text) -> ImageRef                        validate a reference (UserError if bad)
+    on_loopback(host) -> bool                          the only registries plain HTTP may reach
     await resolve(ref, *, creds=None, tls_verify=True, platform="linux/amd64") -> Resolved
     await pull(resolved, cache_dir, *, creds=None, tls_verify=True, limits=None) -> Image
     load_cached(cache_dir, digest) -> Image | None     no I/O beyond reading the record
@@ -30,7 +31,7 @@ from cove.image.errors import ImageRejected
 from cove.image.model import DEFAULT_PLATFORM, Image, ImageConfig, Resolved
 from cove.image.overlay import assemble_overlay, is_mounted, overlay_lowerdir, unmount
 from cove.image.pull import pull, resolve
-from cove.image.ref import VALID_FORMS, ImageRef, parse_ref
+from cove.image.ref import VALID_FORMS, ImageRef, on_loopback, parse_ref
 from cove.image.skopeo import Creds
 from cove.image.unpack import UnpackLimits, unpack_layer
 
@@ -50,6 +51,7 @@ __all__ = [
     "gc",
     "is_mounted",
     "load_cached",
+    "on_loopback",
     "overlay_lowerdir",
     "parse_ref",
     "pull",

@@ -50,6 +50,14 @@ def _bad(text: str, why: str) -> UserError:
     )
 
 
+def on_loopback(host: str | None) -> bool:
+    """A registry on this machine's loopback: the only place plain HTTP is accepted."""
+    if not host:
+        return False
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    return name in ("127.0.0.1", "localhost", "[::1]")
+
+
 def is_digest(value: str) -> bool:
     """True for ``sha256:`` followed by 64 lowercase hex digits."""
     return DIGEST_RE.match(value) is not None
