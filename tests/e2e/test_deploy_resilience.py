@@ -132,7 +132,8 @@ def test_server_killed_mid_rollout_converges(
     os.kill(server, signal.SIGKILL)
     # `cove up` exits when its server dies (stopping its agent); nothing of it is left
     wait_for(lambda: not cove_pids(cluster.home), timeout=30, what="cove up to exit")
-    assert not process_alive(up)
+    # an exiting process loses its command line a moment before it is gone
+    wait_for(lambda: not process_alive(up), timeout=10, what="the cove up process to be gone")
 
     restarted_at = time.monotonic()
     cluster.up()  # the same COVE_HOME, so the same database and agent state
