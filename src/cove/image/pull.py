@@ -308,7 +308,9 @@ async def _pull_locked(
             _commit(cache, staged, image, extra)
             return image
     finally:
-        await asyncio.to_thread(remove_tree, work)
+        # synchronously: an await here could itself be cancelled (a cancel that lands while
+        # the pull is finishing), and the staging dir would outlive the task
+        remove_tree(work)
 
 
 async def _copy(
