@@ -53,6 +53,12 @@ port = 8080
 path = "/"
 interval = "2s"
 timeout = "1s"
+
+# how clients reach it: an L4 endpoint with its own IPv6 address, plus the paid
+# dedicated-IPv4 add-on; port 80 of both goes to port 8080 of Ready instances
+[endpoints.web]
+ports = ["80:web:8080"]
+ipv4 = true
 """
 
 
@@ -125,6 +131,33 @@ def main() -> None:
         cove("status")
         cove("instances", "list")
 
+        say(
+            "The endpoint: its own IPv6 address and the IPv4 add-on (this machine's pools: a "
+            "unique-local /64 and a 127.x /24, routed locally by the node's edge)"
+        )
+        cove("wait", "endpoint/web", "--timeout", "60s")
+        cove("endpoints", "describe", "web")
+        ep = json.loads(
+            subprocess.run(
+                [COVE, "endpoints", "describe", "web", "-o", "json"],
+                env=ENV,
+                cwd=APP_DIR,
+                text=True,
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        for family in ("ipv6", "ipv4"):
+            addr = ep["status"]["addresses"][family]
+            url = f"http://[{addr}]/" if family == "ipv6" else f"http://{addr}/"
+            say(
+                f"Reach the app through the edge over {family.upper()}, balanced over Ready "
+                "instances"
+            )
+            for _ in range(3):
+                print(f"$ curl -s {url}", flush=True)
+                subprocess.run(["curl", "-sS", "--max-time", "5", url], check=True)
+
         say("Logs, merged across instances and labelled with each")
         cove("logs", "--tail", "6")
 
@@ -185,15 +218,13 @@ def main() -> None:
         "app.example.com",
         check=False,
     )
-    say(
-        "Coming next: L4 endpoints over IPv6 with an IPv4 add-on, microVM isolation, "
-        "several nodes, metering and the terminal console."
-    )
+    say("Coming next: microVM isolation, several nodes, metering and the terminal console.")
     print(
         f"\ncove is still running (the demo registry has stopped; images stay cached on the "
         f"node). Try it yourself:\n  export COVE_HOME={HOME}\n"
         f"  export PATH={ROOT / '.venv' / 'bin'}:$PATH\n  cd {APP_DIR}\n"
         "  cove status; cove logs -f; cove exec -it --workload web -- sh\n"
+        "  cove endpoints describe web   # addresses, backends, traffic counters\n"
         "  cove down   # stop the control plane (instances keep running under their "
         "supervisors)"
     )

@@ -27,6 +27,11 @@ APT_PACKAGES=(
   bubblewrap
   iproute2
   e2fsprogs # mkfs.ext4: volumes are ext4 filesystems in files, loop-mounted
+  # the edge (cove.net): HAProxy is the real PROXY v2 peer in its tests and the reference
+  # in bench/edge.py, beside iperf3 (the install must leave no system daemon running:
+  # see stop_system_haproxy; iperf3's debconf question "start as a daemon" defaults to no)
+  haproxy
+  iperf3
 )
 
 cd "$(dirname "$0")/.."
@@ -95,6 +100,26 @@ stop_system_registry() {
   as_root update-rc.d docker-registry disable </dev/null >/dev/null 2>&1 || true
 }
 
+# The haproxy package enables and (where policy-rc.d allows) starts a system HAProxy with
+# /etc/haproxy/haproxy.cfg. Tests and benchmarks run their own, so stop and disable that one.
+stop_system_haproxy() {
+  log "stopping and disabling the Debian haproxy service (tests run their own)"
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl disable --now haproxy.service </dev/null >/dev/null 2>&1 || true
+  elif [[ -x /etc/init.d/haproxy ]]; then
+    as_root /etc/init.d/haproxy stop </dev/null >/dev/null 2>&1 || true
+  fi
+  as_root update-rc.d haproxy disable </dev/null >/dev/null 2>&1 || true
+  # whatever is still running from the system config (no systemd, no init script left)
+  local pids
+  pids="$(pgrep -f '^/usr/sbin/haproxy .*-f /etc/haproxy/haproxy.cfg' || true)"
+  if [[ -n "$pids" ]]; then
+    log "stopping the system haproxy: $pids"
+    # shellcheck disable=SC2086
+    as_root kill $pids </dev/null || true
+  fi
+}
+
 # --- apt packages ------------------------------------------------------------
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -111,6 +136,9 @@ if ((${#missing[@]})); then
   for pkg in "${missing[@]}"; do
     if [[ "$pkg" == docker-registry ]]; then
       stop_system_registry
+    fi
+    if [[ "$pkg" == haproxy ]]; then
+      stop_system_haproxy
     fi
   done
 else

@@ -16,6 +16,8 @@ from cove import security
 from cove.api import create_app
 from cove.control.controllers import foundation_controllers
 from cove.control.manager import Manager
+from cove.net.pools import Pools
+from cove.net.pools import configured as configured_pools
 from cove.store import Store
 from cove.store.crypto import MasterKey
 from cove.store.notify import RevisionNotifier
@@ -53,6 +55,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_unix(path: Path) -> socket.socket:
+    """A unix stream socket at *path* (a stale one left by a crash is replaced), 0660."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o660)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -70,14 +85,22 @@ def serve(
     url_file: Path | None = None,
     controllers: bool = True,
     access_log: bool = False,
+    pools: Pools | None = None,
+    unix_socket: Path | None = None,
 ) -> None:
+    """Serve the API on ``host:port`` (and on ``unix_socket`` when given: agents in other
+    network namespaces reach the server through the file system) and run the controllers."""
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(data_dir))
     store.migrate()
     ensure_join_token(store, data_dir)
     notifier = RevisionNotifier()
-    app = create_app(store, notifier, MasterKey.load(data_dir))
+    pools = pools or configured_pools(data_dir)
+    app = create_app(store, notifier, MasterKey.load(data_dir), pools)
     sock = bind(host, port)
+    socks = [sock]
+    if unix_socket is not None:
+        socks.append(bind_unix(unix_socket))
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{actual}"
@@ -94,10 +117,13 @@ def serve(
     async def main() -> None:
         manager = Manager(store, foundation_controllers(store), notifier)
         async with asyncio.TaskGroup() as tg:
-            serving = tg.create_task(server.serve(sockets=[sock]))
+            serving = tg.create_task(server.serve(sockets=socks))
             while not server.started and not serving.done():
                 await asyncio.sleep(0.02)
             log.info("cove API listening on %s (store: %s)", url, store.dialect)
+            if unix_socket is not None:
+                log.info("cove API also on unix:%s", unix_socket)
+            log.info("public pools: IPv6 %s, IPv4 %s", pools.ipv6, pools.ipv4)
             if url_file is not None:
                 tmp = url_file.with_suffix(".tmp")
                 tmp.write_text(url + "\n")
@@ -115,5 +141,8 @@ def serve(
         if url_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 url_file.unlink()
+        if unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                unix_socket.unlink()
         store.close()
         _ = signal

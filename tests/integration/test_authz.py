@@ -368,6 +368,10 @@ def _builders(method: str, path: str, b_org: str) -> list[tuple[str, Builder]]:
     if path == "/v1/nodes/{node_id}/assignments":
         # node-only: a user is refused for any node; tried with A's project ID
         return [("id", lambda s: Req(method, f"/v1/nodes/{s.id('project')}/assignments"))]
+    if path == "/v1/nodes/{node_id}/edge":
+        # node-only: a user is refused for any node; tried with A's project ID
+        body = {"endpoints": {}} if method == "PUT" else None
+        return [("id", lambda s: Req(method, f"/v1/nodes/{s.id('project')}/edge", body=body))]
     if path == "/v1/volumes/{vol_id}/released":
         # node-only: users are refused whatever the volume
         return [("id", lambda s: Req(method, f"/v1/volumes/{s.id('volume')}/released"))]

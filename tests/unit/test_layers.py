@@ -15,7 +15,14 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "cove"
 ALLOWED: dict[str, tuple[str, ...]] = {
     "model": ("cove.model", "cove.errors", "cove.ids"),
     "store": ("cove.store", "cove.model", "cove.errors", "cove.ids"),
-    "control": ("cove.control", "cove.store", "cove.model", "cove.errors", "cove.ids"),
+    "control": (
+        "cove.control",
+        "cove.store",
+        "cove.model",
+        "cove.errors",
+        "cove.ids",
+        "cove.net.pools",  # a leaf: address pools, no sockets
+    ),
     "api": (
         "cove.api",
         "cove.store",
@@ -26,10 +33,15 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "cove.security",
         "cove.image",  # the control plane pins image references to digests at deploy time
         "cove.__version__",
+        "cove.net.pools",
+        # endpoint addresses are allocated in the API's own write transaction (a refused
+        # quota writes nothing); the functions live beside the endpoint controller
+        "cove.control.endpoints",
     ),
     # node-side building blocks know nothing of the API
     "image": ("cove.image", "cove.errors"),
     "runtime": ("cove.runtime", "cove.image", "cove.errors"),
+    "net": ("cove.net", "cove.errors"),
     "client": ("cove.client", "cove.errors"),
     "agent": (
         "cove.agent",
@@ -38,6 +50,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "cove.model",
         "cove.image",
         "cove.runtime",
+        "cove.net",
         "cove.__version__",
     ),
     "cli": (
@@ -50,7 +63,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     ),
 }
 # process entry points: `cove server` / `cove agent` start those processes
-ENTRY_POINTS = {("cli", "up.py"): ("cove.server", "cove.agent")}
+ENTRY_POINTS = {("cli", "up.py"): ("cove.server", "cove.agent", "cove.net.pools")}
 
 
 def _imports(path: Path) -> list[str]:

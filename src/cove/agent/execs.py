@@ -9,30 +9,41 @@ import json
 import logging
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cove import errors
+from cove.client.http import unix_path
 
 log = logging.getLogger("cove.agent")
 
 
 def _ws_url(server: str, path: str) -> str:
+    if unix_path(server):
+        return "ws://cove" + path
     base = server.rstrip("/")
     if base.startswith("https://"):
         return "wss://" + base[len("https://") :] + path
     return "ws://" + base.removeprefix("http://") + path
 
 
+def _connect(server: str, path: str, **kwargs: Any) -> connect:
+    """A WebSocket to the API, over TCP or the server's unix socket."""
+    uds = unix_path(server)
+    if uds:
+        return unix_connect(uds, _ws_url(server, path), **kwargs)
+    return connect(_ws_url(server, path), **kwargs)
+
+
 async def channel(server: str, token: str, node_id: str, driver: Any) -> None:
     """Keep the control channel open (reconnecting) and serve exec requests."""
     headers = {"Authorization": f"Bearer {token}"}
-    url = _ws_url(server, f"/v1/nodes/{node_id}/channel")
+    path = f"/v1/nodes/{node_id}/channel"
     sessions: set[asyncio.Task[None]] = set()
     delay = 0.5
     while True:
         try:
-            async with connect(url, additional_headers=headers, ping_interval=20) as ws:
+            async with _connect(server, path, additional_headers=headers, ping_interval=20) as ws:
                 delay = 0.5
                 async for raw in ws:
                     msg = json.loads(raw)
@@ -53,9 +64,9 @@ async def channel(server: str, token: str, node_id: str, driver: Any) -> None:
 async def _session(
     server: str, headers: dict[str, str], node_id: str, driver: Any, msg: dict[str, Any]
 ) -> None:
-    url = _ws_url(server, f"/v1/nodes/{node_id}/exec/{msg['session']}")
+    path = f"/v1/nodes/{node_id}/exec/{msg['session']}"
     try:
-        async with connect(url, additional_headers=headers, max_size=None) as ws:
+        async with _connect(server, path, additional_headers=headers, max_size=None) as ws:
             try:
                 proc = await driver.exec(
                     msg["instance"],

@@ -48,6 +48,7 @@ class NodeContext:
     state_dir: Path
     pool: AddressPool
     volumes: Volumes
+    edge: Any = None  # cove.agent.edge.EdgeRunner | None
 
 
 @dataclass
@@ -105,8 +106,18 @@ class InstanceWorker:
     # -- plumbing ----------------------------------------------------------------------------
 
     def update(self, item: dict[str, Any] | None) -> None:
+        """A new view from the API. Wakes the worker only when what it wants changed: the
+        assignments answer on every write in the cluster (including this worker's own
+        events), and a retry pause cut short by each of those would be a hot loop."""
+
+        def wanted(it: dict[str, Any] | None) -> Any:
+            if it is None:
+                return None
+            return (it["instance"]["spec"], it["instance"]["metadata"]["deleting"])
+
+        if wanted(item) != wanted(self.item):
+            self.changed.set()
         self.item = item
-        self.changed.set()
 
     def volumes(self) -> list[dict[str, Any]]:
         if self.finished or self.item is None:
@@ -390,8 +401,9 @@ class InstanceWorker:
         health = "passing" if all_ok else ("failing" if failing else "unknown")
         msg = "health checks passing" if all_ok else "waiting for health checks"
         if failing:
+            # out of rotation at the first failure; restarted at unhealthy_threshold
             msg = f"{_describe_check(failing[0].spec)}: {failing[0].last_error}"
-        await self._send(state="running", health=health, ready=all_ok, message=msg)
+        await self._send(state="running", health=health, ready=all_ok and not failing, message=msg)
 
     async def _check(self, spec: dict[str, Any]) -> tuple[bool, str]:
         timeout = _seconds(spec.get("timeout", "2s"))
@@ -506,6 +518,22 @@ class InstanceWorker:
             st = None
         if st is not None and st.state == "running":
             await self._send(state="stopping", ready=False, message="stopping")
+            if self.ctx.edge is not None:
+                t0 = time.monotonic()
+                was_open, drained = await self.ctx.edge.drain(self.iid)
+                if was_open:
+                    took = time.monotonic() - t0
+                    await self._event(
+                        "Normal" if drained else "Warning",
+                        "Drained" if drained else "DrainTimeout",
+                        f"{was_open} open connection(s) through the edge "
+                        + (
+                            f"finished in {took:.1f}s"
+                            if drained
+                            else f"still open after {took:.0f}s"
+                        )
+                        + "; stopping",
+                    )
             st = await driver.stop(self.iid, timeout=10.0)
             await self._event(
                 "Normal", "Stopped", f"stopped (exit code {st.exit_code}, {st.reason})"

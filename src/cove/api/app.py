@@ -12,25 +12,31 @@ DELETE /v1/{plural}/{ref}              delete   -> 202 + receipt   (deletable ki
 import asyncio
 import json
 import re
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import cove.control.endpoints as endpoints
 from cove import __version__, deferred, errors
 from cove.api import auth, deploys, problems, service
+from cove.api import edge as edge_routes
 from cove.api import exec as exec_relay
 from cove.ids import looks_like_id
 from cove.model.kinds import KINDS, Kind, get_kind, kind_by_name, kind_by_prefix
 from cove.model.resource import Resource, get_condition, is_caught_up
 from cove.model.specs import LABEL_KEY_RE, NAME_RE, NAME_RULE
+from cove.net.pools import Pools, default_pools
 from cove.store import Store
 from cove.store.crypto import MasterKey
 from cove.store.db import Scope as StoreScope
@@ -213,7 +219,9 @@ def _create_model(kind: Kind) -> type[BaseModel]:
 
 
 def _update_model(kind: Kind) -> type[BaseModel]:
-    spec_type: Any = kind.spec_model | None
+    # a spec with required fields (an endpoint's ports) is patched field by field: the
+    # merged result is validated in the handler
+    spec_type: Any = (kind.spec_model if _all_default(kind.spec_model) else dict[str, Any]) | None
     model: type[BaseModel] = create_model(
         f"Update{kind.name.title().replace('_', '')}",
         __base__=_Body,
@@ -272,9 +280,10 @@ def parse_duration(value: str | None, default: float) -> float:
 class Api:
     """Holds the store and notifier for route handlers."""
 
-    def __init__(self, store: Store, notifier: RevisionNotifier) -> None:
+    def __init__(self, store: Store, notifier: RevisionNotifier, pools: Pools) -> None:
         self.store = store
         self.notifier = notifier
+        self.pools = pools
 
     # -- principal -------------------------------------------------------------------------
 
@@ -491,11 +500,17 @@ def evaluate(res: dict[str, Any] | None, cond: str) -> tuple[bool, str | None]:
 
 
 def create_app(
-    store: Store, notifier: RevisionNotifier | None = None, master_key: MasterKey | None = None
+    store: Store,
+    notifier: RevisionNotifier | None = None,
+    master_key: MasterKey | None = None,
+    pools: Pools | None = None,
 ) -> FastAPI:
+    """The API. ``pools`` are the public address pools endpoints draw from (default: the
+    embedded one-machine pools of a throwaway data dir, for tests)."""
     notifier = notifier or RevisionNotifier()
     store.on_commit(notifier.bump)
-    api = Api(store, notifier)
+    pools = pools or default_pools(Path(tempfile.gettempdir()) / f"cove-api-{id(store)}")
+    api = Api(store, notifier, pools)
     app = FastAPI(
         title="cove API",
         version=__version__,
@@ -848,7 +863,8 @@ def create_app(
 
     # -- generic per-kind routes ----------------------------------------------------------------
 
-    deploys.register(app, api, master_key or MasterKey.ephemeral())
+    deploys.register(app, api, master_key or MasterKey.ephemeral(), pools)
+    edge_routes.register(app, api, pools)
     exec_relay.register(app, api)
     for kind in KINDS:
         _register_kind(app, api, kind, principal, user, accepted)
@@ -1294,6 +1310,13 @@ def _register_kind(
                     )
                     if kind.name == "org":
                         auth.add_member(tx, who.user_id or "", rec["resource"]["id"], "owner")
+                    elif kind.name == "endpoint":
+                        assert parent_id is not None
+                        ep = tx.get(rec["resource"]["id"])
+                        assert ep is not None
+                        endpoints.on_write(
+                            tx, api.pools, ep, endpoints.release_templates(tx, parent_id)
+                        )
                 return rec
 
             return accepted(await run_in_threadpool(run))
@@ -1345,10 +1368,16 @@ def _register_kind(
                     spec = None
                     if data.get("spec") is not None:
                         merged = dict(cur["spec"], **data["spec"])
-                        spec = kind.spec_model.model_validate(merged).model_dump(mode="json")
+                        try:
+                            checked = kind.spec_model.model_validate(merged)
+                        except ValidationError as exc:  # as if the body itself were wrong
+                            raise RequestValidationError(
+                                [dict(e, loc=("body", "spec", *e["loc"])) for e in exc.errors()]
+                            ) from exc
+                        spec = checked.model_dump(mode="json")
                         if kind.name == "environment":
                             _check_environment_change(tx, cur, spec)
-                    return service.update_resource(
+                    rec = service.update_resource(
                         tx,
                         who,
                         cur,
@@ -1358,6 +1387,12 @@ def _register_kind(
                             expected if expected is not None else cur["metadata"]["revision"]
                         ),
                     )
+                    if kind.name == "endpoint" and spec is not None:
+                        ep = tx.get(cur["id"])
+                        assert ep is not None and cur["parent"] is not None
+                        templates = endpoints.release_templates(tx, cur["parent"]["id"])
+                        endpoints.on_write(tx, api.pools, ep, templates)
+                    return rec
 
             return accepted(await run_in_threadpool(run))
 

@@ -21,11 +21,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+import cove.control.endpoints as endpoints
 from cove import errors
 from cove.api import auth, service
 from cove.model.resource import now_iso, set_condition
-from cove.model.specs import NAME_RE
+from cove.model.specs import NAME_RE, EndpointSpec
 from cove.model.workload import ENV_KEY_RE, WorkloadTemplate
+from cove.net.pools import Pools
 from cove.store import Tx
 from cove.store import schema as t
 from cove.store.crypto import MasterKey, Sealed
@@ -56,6 +58,12 @@ class DeployBody(_Scoped):
         default_factory=dict, description="environment variables for every workload"
     )
     description: str = Field(default="", max_length=500)
+    endpoints: dict[Annotated[str, Field(pattern=NAME_RE.pattern)], EndpointSpec] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="endpoints from cove.toml: created or changed with the release, never "
+        "destroyed by a deploy",
+    )
 
 
 class RollbackBody(_Scoped):
@@ -108,7 +116,7 @@ class LogBatch(_Body):
     lines: list[LogLineBody] = Field(max_length=5000)
 
 
-def register(app: FastAPI, api: Any, master: MasterKey) -> None:
+def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     """Add the deploy routes to *app* (``api`` is the ``cove.api.app.Api``)."""
     store = api.store
 
@@ -180,9 +188,44 @@ def register(app: FastAPI, api: Any, master: MasterKey) -> None:
                     "reason": "deploy",
                     "description": body.description,
                 }
-                return _release(tx, who, env, spec, scale_from_templates=True)
+                rec = _release(tx, who, env, spec, scale_from_templates=True)
+                templates = dict(body.workloads)
+                for name, ep_spec in body.endpoints.items():
+                    _declare_endpoint(
+                        tx, who, env, name, ep_spec.model_dump(mode="json"), templates
+                    )
+                return rec
 
         return accepted(await run_in_threadpool(run))
+
+    def _declare_endpoint(
+        tx: Tx,
+        who: auth.Principal,
+        env: dict[str, Any],
+        name: str,
+        spec: dict[str, Any],
+        templates: dict[str, Any],
+    ) -> None:
+        """An endpoint as cove.toml declares it: created, or changed when it differs."""
+        endpoints.check_workloads(spec, templates)
+        cur = tx.find("endpoint", env["id"], name)
+        if cur is not None and cur["metadata"]["deleting"]:
+            raise errors.Conflict(
+                f"endpoint {name} is being destroyed", hint="deploy again once it is gone"
+            )
+        if cur is None:
+            rec = service.create_resource(
+                tx, who, "endpoint", name, parent=env["id"], spec=spec, labels={}
+            )
+        elif cur["spec"] != spec:
+            rec = service.update_resource(
+                tx, who, cur, spec=spec, labels=None, expected_revision=None
+            )
+        else:
+            return
+        ep = tx.get(rec["resource"]["id"])
+        assert ep is not None
+        endpoints.on_write(tx, pools, ep, templates)
 
     @app.post("/v1/rollbacks", status_code=202, tags=["deploys"], summary="Roll back")
     async def rollback(body: RollbackBody, who: Who) -> JSONResponse:

@@ -94,6 +94,11 @@ def install(app: FastAPI) -> None:
                 d = deferred.for_field(kind, ".".join(loc[1:]))
                 if d is not None:
                     return problem_response(d.error(f"{kind} field {'.'.join(loc[1:])}"))
+            if e.get("type") == "extra_forbidden" and loc[:2] == ["body", "endpoints"]:
+                # a deploy's endpoints (from cove.toml): body.endpoints.NAME.FIELD
+                d = deferred.for_field("endpoint", "spec." + ".".join(loc[3:]))
+                if d is not None:
+                    return problem_response(d.error(f"endpoint {loc[2]}: {'.'.join(loc[3:])}"))
         if any(e.get("type") == "json_invalid" for e in errs):
             return problem_response(
                 errors.BadRequest(

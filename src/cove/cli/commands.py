@@ -23,6 +23,7 @@ from cove.cli.common import (
     WaitOpt,
     YesOpt,
     parse_duration,
+    parse_port,
     session,
     wait_for,
     wait_receipt,
@@ -530,28 +531,6 @@ def _app_verbs(g: typer.Typer) -> None:
         _finish(client, client.delete(f"/v1/apps/{res['id']}"), fmt, wait, timeout)
 
 
-def _parse_port(value: str) -> dict[str, Any]:
-    parts = value.split(":")
-    if len(parts) != 3:
-        raise errors.UserError(
-            f"invalid --port {value!r}",
-            hint="use PUBLIC:WORKLOAD:TARGET, e.g. 443:web:8443",
-            code="usage",
-        )
-    pub, wl, target = parts
-    try:
-        ports = (int(pub), int(target))
-    except ValueError as exc:
-        raise errors.UserError(
-            f"invalid --port {value!r}: ports are numbers", hint="e.g. 443:web:8443", code="usage"
-        ) from exc
-    if not all(1 <= p <= 65535 for p in ports):
-        raise errors.UserError(
-            f"invalid --port {value!r}: ports are 1-65535", hint="e.g. 443:web:8443", code="usage"
-        )
-    return {"port": ports[0], "workload": wl, "target_port": ports[1]}
-
-
 def _endpoint_verbs(g: typer.Typer) -> None:
     @g.command("create", help="Create an L4 endpoint: --port PUBLIC:WORKLOAD:TARGET (repeatable).")
     def create(
@@ -593,7 +572,7 @@ def _endpoint_verbs(g: typer.Typer) -> None:
                 raise deferred.for_cli(f"endpoints create --{flag}").error(f"--{flag}")
         spec = {
             "protocol": "udp" if udp else "tcp",
-            "ports": [_parse_port(p) for p in port],
+            "ports": [parse_port(p) for p in port],
             "ipv4": ipv4,
             "proxy_protocol": proxy_protocol,
         }
@@ -602,6 +581,51 @@ def _endpoint_verbs(g: typer.Typer) -> None:
         _finish(
             client, client.post("/v1/endpoints", dict(sc, name=name, spec=spec)), fmt, wait, timeout
         )
+
+    @g.command(
+        "update",
+        help="Change an endpoint: its ports, the IPv4 add-on, PROXY protocol. Addresses stay.",
+    )
+    def update(
+        ref: Annotated[str, typer.Argument(help="name or ID")],
+        port: Annotated[
+            list[str] | None,
+            typer.Option("--port", help="PUBLIC:WORKLOAD:TARGET (repeatable; replaces all)"),
+        ] = None,
+        ipv4: Annotated[
+            bool | None,
+            typer.Option("--ipv4/--no-ipv4", help="add or give back the dedicated IPv4 address"),
+        ] = None,
+        proxy_protocol: Annotated[
+            str | None, typer.Option("--proxy-protocol", help="none or v2")
+        ] = None,
+        org: OrgOpt = None,
+        project: ProjectOpt = None,
+        app: AppOpt = None,
+        env: EnvOpt = None,
+        wait: WaitOpt = False,
+        timeout: TimeoutOpt = "60s",
+        fmt: OutputOpt = Format.table,
+        api_url: ApiUrlOpt = None,
+    ) -> None:
+        spec: dict[str, Any] = {}
+        if port:
+            spec["ports"] = [parse_port(p) for p in port]
+        if ipv4 is not None:
+            spec["ipv4"] = ipv4
+        if proxy_protocol is not None:
+            spec["proxy_protocol"] = proxy_protocol
+        if not spec:
+            raise errors.UserError(
+                "nothing to change",
+                hint="--port, --ipv4/--no-ipv4 or --proxy-protocol",
+                code="usage",
+            )
+        client, ctx = session(api_url=api_url)
+        sc = scope_for("endpoint", ctx, {"org": org, "project": project, "app": app, "env": env})
+        res = client.get(f"/v1/endpoints/{ref}", **sc)
+        rec = client.patch(f"/v1/endpoints/{res['id']}", {"spec": spec})
+        _finish(client, rec, fmt, wait, timeout)
 
     _destroy_verb(g, "endpoint")
 

@@ -85,3 +85,26 @@ def wait_receipt(
     if fmt is Format.table:
         notice(f"[green]done[/green]: {op['status'].get('message', '')}")
     return op
+
+
+def parse_port(value: str, where: str = "--port") -> dict[str, Any]:
+    """``PUBLIC:WORKLOAD:TARGET`` (``443:web:8443``) as an endpoint port mapping."""
+    parts = value.split(":") if isinstance(value, str) else []
+    if len(parts) != 3:
+        raise errors.UserError(
+            f"invalid {where} {value!r}",
+            hint="use PUBLIC:WORKLOAD:TARGET, e.g. 443:web:8443",
+            code="usage",
+        )
+    pub, wl, target = parts
+    try:
+        ports = (int(pub), int(target))
+    except ValueError as exc:
+        raise errors.UserError(
+            f"invalid {where} {value!r}: ports are numbers", hint="e.g. 443:web:8443", code="usage"
+        ) from exc
+    if not all(1 <= p <= 65535 for p in ports):
+        raise errors.UserError(
+            f"invalid {where} {value!r}: ports are 1-65535", hint="e.g. 443:web:8443", code="usage"
+        )
+    return {"port": ports[0], "workload": wl, "target_port": ports[1]}

@@ -21,6 +21,7 @@ from cove.cli.common import (
     ProjectOpt,
     TimeoutOpt,
     parse_duration,
+    parse_port,
     session,
 )
 from cove.cli.output import Format, OutputOpt
@@ -44,6 +45,14 @@ def _scope(
 
 def load_workloads(image: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(image, workloads, variables) from flags and ``cove.toml``."""
+    image, workloads, variables, _ = load_app(image)
+    return image, workloads, variables
+
+
+def load_app(
+    image: str | None,
+) -> tuple[str, dict[str, Any], dict[str, str], dict[str, Any]]:
+    """(image, workloads, variables, endpoints) from flags and ``cove.toml``."""
     doc = config.app_toml()
     _deferred_keys("cove.toml", doc)
     for wname, w in (doc.get("workloads") or {}).items():
@@ -67,7 +76,35 @@ def load_workloads(image: str | None) -> tuple[str, dict[str, Any], dict[str, st
     variables = doc.get("variables") or {}
     if not isinstance(variables, dict):
         raise errors.UserError("cove.toml: [variables] is a table of strings")
-    return str(image), workloads, {str(k): str(v) for k, v in variables.items()}
+    endpoints = _endpoints(doc.get("endpoints") or {})
+    return str(image), workloads, {str(k): str(v) for k, v in variables.items()}, endpoints
+
+
+def _endpoints(table: Any) -> dict[str, Any]:
+    """``[endpoints.NAME]`` tables: ports as "PUBLIC:WORKLOAD:TARGET" strings (or tables with
+    port, workload, target_port), protocol, ipv4, proxy_protocol. The server checks the rest."""
+    from cove import deferred
+
+    if not isinstance(table, dict):
+        raise errors.UserError("cove.toml: [endpoints.NAME] tables expected")
+    out: dict[str, Any] = {}
+    for name, ep in table.items():
+        where = f"cove.toml [endpoints.{name}]"
+        if not isinstance(ep, dict):
+            raise errors.UserError(f"{where}: a table expected", hint='ports = ["443:web:8080"]')
+        for key in ep:
+            d = deferred.for_field("endpoint", f"spec.{key}")
+            if d is not None:
+                raise d.error(f"{where}: {key}")
+        ports = ep.get("ports")
+        if not isinstance(ports, list) or not ports:
+            raise errors.UserError(
+                f"{where}: ports is a non-empty list", hint='ports = ["443:web:8080"]'
+            )
+        spec = dict(ep)
+        spec["ports"] = [parse_port(p, f"{where} port") if isinstance(p, str) else p for p in ports]
+        out[str(name)] = spec
+    return out
 
 
 def _deferred_keys(where: str, table: dict[str, Any]) -> None:
@@ -147,16 +184,15 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
         fmt: OutputOpt = Format.table,
         api_url: ApiUrlOpt = None,
     ) -> None:
-        ref, workloads, variables = load_workloads(image)
+        ref, workloads, variables, endpoints = load_app(image)
         client, ctx = session(api_url=api_url)
         sc = _scope(ctx, org, project, app_, env)
         if fmt is Format.table:
             output.notice(f"resolving {ref} ...")
         since = _head(client)
-        rec = client.post(
-            "/v1/deploys",
-            dict(sc, image=ref, workloads=workloads, variables=variables, description=description),
-        )
+        body = dict(sc, image=ref, workloads=workloads, variables=variables)
+        body.update(description=description, endpoints=endpoints)
+        rec = client.post("/v1/deploys", body)
         rec["_since"] = since
         _after(client, rec, sc, detach, timeout, fmt)
 

@@ -108,6 +108,18 @@ def _cell(res: dict[str, Any], col: str) -> Text | str:
         return str(res["status"].get("restart_count", 0))
     if col == "node":
         return str(res["status"].get("node_name") or res["spec"].get("node") or "-")
+    if col == "protocol":
+        pp = res["spec"].get("proxy_protocol")
+        return str(res["spec"].get("protocol", "-")) + (" +proxy-v2" if pp == "v2" else "")
+    if col in ("ipv6", "ipv4"):
+        addr = (res["status"].get("addresses") or {}).get(col)
+        if col == "ipv4" and res["spec"].get("ipv4") and not addr:
+            return "(pending)"
+        return str(addr or "-")
+    if col == "ports":
+        return ",".join(
+            f"{p['port']}->{p['workload']}:{p['target_port']}" for p in res["spec"].get("ports", [])
+        )
     if col == "image":
         return str(res["spec"].get("image") or "-")
     if col == "reason":

@@ -164,13 +164,42 @@ def register(app: typer.Typer) -> None:
         access_log: Annotated[
             bool, typer.Option("--access-log/--no-access-log", help="log every HTTP request")
         ] = False,
+        public_ipv6: Annotated[
+            str | None,
+            typer.Option(
+                "--public-ipv6",
+                help="prefix endpoint IPv6 addresses come from (or COVE_PUBLIC_IPV6; "
+                "default: a unique-local /64 for this machine)",
+            ),
+        ] = None,
+        public_ipv4: Annotated[
+            str | None,
+            typer.Option(
+                "--public-ipv4",
+                help="pool for the dedicated IPv4 add-on (or COVE_PUBLIC_IPV4; "
+                "default: a /24 in 127.0.0.0/8 for this machine)",
+            ),
+        ] = None,
+        unix_socket: Annotated[
+            Path | None,
+            typer.Option("--unix-socket", help="also serve the API on this unix socket"),
+        ] = None,
     ) -> None:
+        from cove.net.pools import configured
         from cove.server import serve, setup_logging
 
         setup_logging(log_level)
+        ddir = data_dir or config.data_dir()
+        pools = configured(ddir, public_ipv6, public_ipv4)
         try:
             serve(
-                data_dir or config.data_dir(), host, port, url_file=url_file, access_log=access_log
+                ddir,
+                host,
+                port,
+                url_file=url_file,
+                access_log=access_log,
+                pools=pools,
+                unix_socket=unix_socket,
             )
         except OSError as exc:
             if exc.errno == 98:

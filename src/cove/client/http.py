@@ -11,6 +11,18 @@ import httpx
 from cove import errors
 
 
+def unix_path(base_url: str) -> str | None:
+    """The socket path of a ``unix:/path/api.sock`` API URL (None for http/https URLs)."""
+    if base_url.startswith("unix:"):
+        return base_url[len("unix:") :].removeprefix("//") or None
+    return None
+
+
+def _http_base(base_url: str) -> str:
+    # over a unix socket the host part is only for the Host header
+    return "http://cove" if unix_path(base_url) else base_url.rstrip("/")
+
+
 class Client:
     def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -25,7 +37,13 @@ class Client:
                 )
             headers["Authorization"] = f"Bearer {token}"
         try:
-            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+            uds = unix_path(base_url)
+            self._http = httpx.Client(
+                base_url=_http_base(base_url),
+                headers=headers,
+                timeout=timeout,
+                transport=httpx.HTTPTransport(uds=uds) if uds else None,
+            )
         except httpx.InvalidURL as exc:
             raise errors.UserError(
                 f"{base_url!r} is not a valid cove API URL ({exc})",
@@ -154,7 +172,13 @@ class AsyncClient:
         headers = {"User-Agent": "cove-agent"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        uds = unix_path(base_url)
+        self._http = httpx.AsyncClient(
+            base_url=_http_base(base_url),
+            headers=headers,
+            timeout=timeout,
+            transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -7,6 +7,7 @@
 - ``OperationController``: settle receipts: succeeded when the target caught up and is
   Ready (or is gone, for deletes), failed when it failed for good or ran out of time.
 - ``NodeController``: a node whose heartbeats stop is marked NotReady.
+- Endpoints have their own controller: ``cove.control.endpoints``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _ready_event(tx: Tx, res: dict[str, Any], before: dict[str, Any] | None) -> 
 
 class StatusController:
     name = "status"
-    kinds = ("org", "project", "app", "endpoint", "volume", "secret")
+    kinds = ("org", "project", "app", "volume", "secret")
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -72,12 +73,8 @@ class StatusController:
                 set_condition(
                     status, "Ready", "true", "Placed", f"data lives on node {res['spec']['node']}"
                 )
-            elif kind in ("endpoint", "volume"):
-                msg = (
-                    "accepted; no node agent on this cluster allocates endpoint addresses yet"
-                    if kind == "endpoint"
-                    else "accepted; it is placed on a node with the first instance that mounts it"
-                )
+            elif kind == "volume":
+                msg = "accepted; it is placed on a node with the first instance that mounts it"
                 set_condition(status, "Ready", "false", "WaitingForNode", msg)
             elif kind == "secret":
                 n = len(res["spec"].get("keys") or [])
@@ -130,6 +127,14 @@ class GarbageCollector:
                 and not res["status"].get("released")
             ):
                 return 1.0  # the node deletes the data first, then reports it released
+            if res["kind"] == "endpoint":
+                if _edge_still_serves(tx, res):
+                    return 0.5  # the edge closes its listeners first, then the addresses go
+                from cove.control.endpoints import release_addresses
+
+                freed = release_addresses(tx, key)
+                if freed:
+                    tx.event(res, "Normal", "AddressesReleased", ", ".join(freed))
             tx.event(res, "Normal", "Deleted", f"{res['kind']} {res['name']} deleted")
             if res["kind"] == "org":
                 import sqlalchemy as sa
@@ -144,6 +149,18 @@ class GarbageCollector:
                 )
             tx.delete(key)
         return None
+
+
+def _edge_still_serves(tx: Tx, ep: dict[str, Any]) -> bool:
+    """The endpoint's edge node is up and still reports listening for it."""
+    node_id = (ep["status"].get("edge_node") or {}).get("id")
+    node = tx.get(str(node_id)) if node_id else None
+    if node is None:
+        return False
+    ready = get_condition(node["status"], "Ready")
+    if not ready or ready["status"] != "true":
+        return False  # a lost node serves nothing
+    return bool(((node["status"].get("edge") or {}).get(ep["id"]) or {}).get("bound"))
 
 
 class OperationController:
@@ -194,8 +211,8 @@ class OperationController:
                     state, message = "failed", f"{failed['reason']}: {failed.get('message', '')}"
                 elif ready and ready["status"] == "true":
                     state, message = "succeeded", ready.get("message") or "ready"
-                elif ready and ready.get("reason") == "WaitingForNode":
-                    # accepted and recorded; the rest is up to nodes that come later
+                elif ready and ready.get("reason") in ("WaitingForNode", "NoReadyInstances"):
+                    # accepted and recorded; the rest is up to nodes or deploys that come later
                     state, message = "succeeded", f"accepted: {ready.get('message', '')}"
                 else:
                     message = ready.get("message", "") if ready else "waiting for status"
@@ -280,6 +297,7 @@ class NodeController:
 
 
 def foundation_controllers(store: Store) -> list[Any]:
+    from cove.control.endpoints import EndpointController
     from cove.control.rollout import RolloutController, Scheduler
 
     _ = get_kind
@@ -290,4 +308,5 @@ def foundation_controllers(store: Store) -> list[Any]:
         NodeController(store),
         RolloutController(store),
         Scheduler(store),
+        EndpointController(store),
     ]

@@ -109,7 +109,9 @@ KINDS: tuple[Kind, ...] = (
         specs.EndpointSpec,
         "an L4 endpoint: ports to a workload, IPv6 always, dedicated IPv4 as an add-on",
         creatable=True,
+        mutable=True,
         deletable=True,
+        columns=("name", "id", "protocol", "ipv6", "ipv4", "ports", "ready", "age"),
     ),
     Kind(
         "volume",

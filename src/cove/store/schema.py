@@ -168,3 +168,19 @@ log_lines = Table(
 )
 Index("ix_log_lines_env", log_lines.c.env_id, log_lines.c.id)
 Index("ix_log_lines_instance", log_lines.c.instance_id, log_lines.c.id)
+
+# -- endpoints (migration 0003) -----------------------------------------------------------
+
+public_addresses = Table(
+    "public_addresses",
+    metadata,
+    # the primary key is the guarantee: one address, one endpoint, across server replicas
+    Column("address", String(45), primary_key=True),
+    Column("family", Integer, nullable=False),  # 6 or 4
+    Column("endpoint_id", String(40), nullable=False),
+    Column("org_id", String(40), nullable=False),
+    Column("project_id", String(40), nullable=False),
+    Column("allocated_at", String(32), nullable=False),
+)
+Index("ix_public_addresses_endpoint", public_addresses.c.endpoint_id)
+Index("ix_public_addresses_project", public_addresses.c.project_id, public_addresses.c.family)

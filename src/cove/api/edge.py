@@ -1,0 +1,110 @@
+"""The node edge's routes: what to bind (long-poll) and what it bound (report).
+
+``GET /v1/nodes/{id}/edge?etag=&wait=`` answers the node's edge configuration once its
+digest differs from ``etag`` (or at ``wait``). ``PUT /v1/nodes/{id}/edge`` records, in the
+node's status, what the edge has bound, what failed and its traffic counters; the endpoint
+controller shows them on each endpoint.
+"""
+
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+import cove.control.endpoints as endpoints
+from cove import errors
+from cove.api import auth
+from cove.net.pools import Pools
+
+COUNTERS = (
+    "connections_total",
+    "connections_active",
+    "connect_failures",
+    "bytes_in",
+    "bytes_out",
+    "udp_flows_total",
+    "udp_flows_active",
+    "packets_in",
+    "packets_out",
+    "dropped",
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EndpointReport(_Body):
+    bound: list[tuple[str, str, int]] = Field(default_factory=list, max_length=256)
+    errors: list[Annotated[str, Field(max_length=500)]] = Field(default_factory=list, max_length=64)
+    counters: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+
+
+class EdgeReport(_Body):
+    etag: str = Field(default="", max_length=64)
+    endpoints: dict[Annotated[str, Field(max_length=40)], EndpointReport] = Field(
+        default_factory=dict, max_length=10_000
+    )
+
+
+def register(app: FastAPI, api: Any, pools: Pools) -> None:
+    store = api.store
+
+    async def principal(authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
+        p: auth.Principal = await run_in_threadpool(api.principal, authorization)
+        return p
+
+    Who = Annotated[auth.Principal, Depends(principal)]
+
+    def node_only(who: auth.Principal, node_id: str) -> None:
+        if who.kind != "node" or who.node_id is None:
+            raise errors.Forbidden("only node agents make this call")
+        if node_id != who.node_id:
+            raise errors.Forbidden("a node may only act for itself")
+
+    @app.get("/v1/nodes/{node_id}/edge", tags=["nodes"], summary="What this node's edge serves")
+    async def edge_config(
+        node_id: str,
+        who: Who,
+        etag: Annotated[str, Query(max_length=64)] = "",
+        wait: Annotated[float, Query(ge=0, le=60)] = 0,
+    ) -> dict[str, Any]:
+        """The endpoints whose edge runs on this node, each port with the Ready instances
+        behind it, and the public pools (the node makes them local). Long-polls up to
+        ``wait`` seconds while the configuration's digest is still ``etag``."""
+        node_only(who, node_id)
+        deadline = time.monotonic() + wait
+        while True:
+            rev = api.notifier.revision
+            cfg: dict[str, Any] = await run_in_threadpool(endpoints.edge_config, store, node_id)
+            if cfg["etag"] != etag or time.monotonic() >= deadline:
+                break
+            await api.notifier.wait(rev, min(5.0, max(0.0, deadline - time.monotonic())))
+        cfg["pools"] = pools.as_dict()
+        return cfg
+
+    @app.put("/v1/nodes/{node_id}/edge", tags=["nodes"], summary="Report what the edge bound")
+    async def edge_report(node_id: str, body: EdgeReport, who: Who) -> dict[str, Any]:
+        node_only(who, node_id)
+        report = {
+            ep: {
+                "bound": [list(b) for b in r.bound],
+                "errors": r.errors,
+                "counters": {k: v for k, v in r.counters.items() if k in COUNTERS},
+            }
+            for ep, r in body.endpoints.items()
+        }
+
+        def run() -> dict[str, Any]:
+            with store.write() as tx:
+                node = tx.get(node_id)
+                if node is None:
+                    raise errors.NotFound(f"no node {node_id}")
+                if node["status"].get("edge") == report:
+                    return {"node": node_id, "revision": node["metadata"]["revision"]}
+                node = tx.update(node_id, status=dict(node["status"], edge=report))
+            return {"node": node_id, "revision": node["metadata"]["revision"]}
+
+        return await run_in_threadpool(run)
