@@ -147,6 +147,7 @@ EXAMPLES: dict[tuple[str, ...], Ex] = {
     ("endpoints", "events"): ex("{ep}", *ENV),
     ("endpoints", "create"): ex("{new_ep}", "--port", "443:web:8443", *ENV),
     ("endpoints", "destroy"): ex("{del_ep}", "--yes", *ENV),
+    ("endpoints", "update"): ex("{ep}", "--port", "443:web:9443", *ENV),
     ("volumes", "list"): ex(*ENV),
     ("volumes", "describe"): ex("{vol}", *ENV),
     ("volumes", "events"): ex("{vol}", *ENV),
