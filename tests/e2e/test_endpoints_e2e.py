@@ -234,6 +234,7 @@ def test_a_rolling_deploy_under_load_loses_no_connection(
         stop.set()
         for w in workers:
             w.join(30)
+    print(f"rolling deploy under load: {len(results)} requests, {len(failures)} failed")
     assert not failures, f"{len(failures)} failed of {len(results) + len(failures)}: {failures[:5]}"
     assert "a" in results and "b" in results
     assert len(results) > 50, len(results)
