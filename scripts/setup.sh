@@ -32,6 +32,14 @@ APT_PACKAGES=(
   # see stop_system_haproxy; iperf3's debconf question "start as a daemon" defaults to no)
   haproxy
   iperf3
+  # microVM runtime (cove.runtime.microvm): QEMU (-M microvm, TCG) boots the host's Debian kernel
+  # with its modules from /lib/modules; the guest init (guest/init.c) is built on demand with gcc
+  qemu-system-x86
+  linux-image-amd64
+  # C: the guest init and the tests' small static helpers (tests/fixtures/udpecho.c)
+  gcc
+  make
+  libc6-dev
 )
 
 cd "$(dirname "$0")/.."
