@@ -6,13 +6,14 @@ test created inside network namespaces it made. So here:
 - ``edge_cluster`` (module scope): a network namespace ``cove-e2e-<hex>``; a ``cove server``
   on the host (SQLite under a fresh COVE_HOME) that also serves its API on a unix socket,
   with public pools from the documentation ranges (``2001:db8:…::/64`` and
-  ``192.0.2.0/28``); and a ``cove agent`` started *inside the namespace* (``ip netns
-  ``nsenter --net``) that reaches the server through that socket. The agent's bridge, its instances,
-  its edge and the AnyIP routes of the pools all live in the namespace, and every client
+  ``192.0.2.0/28``); and a ``cove agent`` started *inside the namespace* (``nsenter
+  --net``; ``ip netns exec`` would remount /sys and hide the cgroups) that reaches the
+  server through that socket. The agent's bridge, its instances, its edge and the AnyIP
+  routes of the pools all live in the namespace, and every client
   connection of the tests is made from inside it (``in_netns``). Teardown stops the agent,
   destroys its sandboxes, stops the server and deletes the namespace (and with it every
   address and route).
-- ``edge_image``: a busybox image whose ``/app/run.sh`` serves http on 8080 (``ok VERSION
+- ``build_edge_image``: a busybox image whose ``/app/run.sh`` serves http on 8080 (``ok VERSION
   INSTANCE``), echoes TCP on 8081 (so a PROXY v2 header comes back to the client exactly as
   the app received it) and answers UDP on 5353 (``udpecho``, a small static C program
   built here), and fails its exec check while ``/tmp/sick`` exists.
