@@ -6,6 +6,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from cove import errors
 from cove.cli import config
@@ -83,7 +84,7 @@ def wait_receipt(
         notice(f"waiting for {rec['operation']} ...")
     op = wait_for(client, "operations", rec["operation"], "done", timeout)
     if fmt is Format.table:
-        notice(f"[green]done[/green]: {op['status'].get('message', '')}")
+        notice(f"[green]done[/green]: {escape(op['status'].get('message', ''))}")
     return op
 
 

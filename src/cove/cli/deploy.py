@@ -8,6 +8,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -405,6 +406,6 @@ def _after(
         )
     op = follow_operation(client, rec_follow, scope, parse_duration(timeout), fmt)
     if fmt is Format.table:
-        output.out.print(f"[green]done[/green]: {op['status'].get('message', '')}")
+        output.out.print(f"[green]done[/green]: {escape(op['status'].get('message', ''))}")
     else:
         output.document(dict(rec, state=op["status"]["state"], operation_status=op["status"]), fmt)

@@ -160,7 +160,7 @@ def resources(kind: str, items: list[dict[str, Any]], fmt: Format) -> None:
     for c in cols:
         table.add_column(c.replace("_", " ").upper(), overflow="fold")
     for r in items:
-        table.add_row(*[_cell(r, c) for c in cols])
+        table.add_row(*[_plain(_cell(r, c)) for c in cols])
     out.print(table)
 
 
@@ -183,10 +183,18 @@ def event_line(ev: dict[str, Any], stream: Console | None = None) -> None:
     )
 
 
+def _plain(value: Text | str) -> Text:
+    """A cell as literal text: values come from the server and users ("listening on
+    [fd12::1]"), and rich would take a bracketed word for markup and drop it."""
+    return value if isinstance(value, Text) else Text(value)
+
+
 def _kv(table: Table, key: str, value: Any) -> None:
     if isinstance(value, dict | list):
         value = json.dumps(value, sort_keys=True) if value else "-"
-    table.add_row(Text(key, style="bold"), "-" if value is None or value == "" else str(value))
+    table.add_row(
+        Text(key, style="bold"), Text("-" if value is None or value == "" else str(value))
+    )
 
 
 def describe(res: dict[str, Any], fmt: Format, recent: list[dict[str, Any]] | None = None) -> None:
@@ -225,11 +233,16 @@ def describe(res: dict[str, Any], fmt: Format, recent: list[dict[str, Any]] | No
             ct.add_column(c, overflow="fold")
         for c in conds:
             ct.add_row(
-                c["type"],
-                c["status"],
-                c["reason"],
-                age(c.get("last_transition")),
-                c.get("message", ""),
+                *(
+                    Text(str(v))
+                    for v in (
+                        c["type"],
+                        c["status"],
+                        c["reason"],
+                        age(c.get("last_transition")),
+                        c.get("message", ""),
+                    )
+                )
             )
         out.print(ct)
     if recent:
@@ -244,11 +257,11 @@ def _tree(doc: dict[str, Any], indent: int = 2) -> None:
         return
     for k, v in doc.items():
         if isinstance(v, dict) and v:
-            out.print(" " * indent + f"{k}:")
+            out.print(" " * indent + f"{k}:", markup=False)
             _tree(v, indent + 2)
         else:
             shown = json.dumps(v) if isinstance(v, list | dict) or v is None else str(v)
-            out.print(" " * indent + f"{k}: {shown}")
+            out.print(" " * indent + f"{k}: {shown}", markup=False)
 
 
 def receipt(rec: dict[str, Any], fmt: Format) -> None:
