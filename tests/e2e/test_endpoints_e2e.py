@@ -192,7 +192,9 @@ def test_a_failing_instance_leaves_rotation_within_its_check_interval(
     wait_until(only_well, timeout=10, what="the sick instance out of rotation")
     took = time.monotonic() - t0
     print(f"out of rotation {took:.2f}s after the check began failing (interval 1s)")
-    assert took <= 1.0 + 1.0, f"out of rotation after {took:.2f}s (check interval 1s)"
+    # one interval (1 s) until the check runs, its own timeout (1 s) at worst, then the
+    # report's way to the edge
+    assert took <= 1.0 + 1.0 + 0.5, f"out of rotation after {took:.2f}s (check interval 1s)"
     # and back once it recovers
     assert d.cove("exec", "--instance", sick["name"], "--", "rm", "/tmp/sick").code == 0
     c.wait_endpoint(d, "web", lambda e: serving(e, 2), "the instance back in rotation")
