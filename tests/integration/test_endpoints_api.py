@@ -337,3 +337,37 @@ def test_a_bad_patch_changes_nothing(api: TestClient, store: Store, user: User) 
     again = get(api, user, "/v1/endpoints/p", **SCOPE)
     assert again["status"]["addresses"] == ep["status"]["addresses"]
     assert again["spec"]["ports"][0]["port"] == 8443
+
+
+def test_a_deleted_endpoint_waits_for_its_edge_but_not_forever(
+    api: TestClient, store: Store, user: User
+) -> None:
+    token = set_join_token(store)
+    reg = ok(api.post("/v1/nodes/register", json={"name": "n2", "join_token": token}), 201)
+    node = {"Authorization": f"Bearer {reg['token']}"}
+    node_id = reg["node"]["id"]
+    ok(api.post(f"/v1/nodes/{node_id}/heartbeat", json={}, headers=node))
+    create(api, user, "endpoints", endpoint("held", (80, "web", 8080)))
+    settle(store)
+    ep = get(api, user, "/v1/endpoints/held", **SCOPE)
+    bound = [["tcp", ep["status"]["addresses"]["ipv6"], 80]]
+    body = {"endpoints": {ep["id"]: {"bound": bound}}}
+    ok(api.put(f"/v1/nodes/{node_id}/edge", json=body, headers=node))
+    ok(api.delete(f"/v1/endpoints/{ep['id']}", headers=user.headers), 202)
+    settle(store, rounds=3)
+    # the edge still listens: the address stays reserved
+    assert [a for a, _, _ in addresses(store)] == [ep["status"]["addresses"]["ipv6"]]
+    # the edge never confirms (a broken agent): after a minute the address goes anyway
+    with store.write() as tx:
+        tx.conn.execute(
+            sa.update(t.resources)
+            .where(t.resources.c.id == ep["id"])
+            .values(updated_at="2020-01-01T00:00:00.000Z")
+        )
+    settle(store)
+    assert addresses(store) == []
+    reasons = [
+        e["spec"]["reason"]
+        for e in ok(api.get("/v1/events", params={"limit": 1000}, headers=user.headers))["items"]
+    ]
+    assert "EdgeNotConfirmed" in reasons and "AddressesReleased" in reasons

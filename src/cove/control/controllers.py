@@ -21,6 +21,7 @@ from cove.model.resource import get_condition, now_iso, set_condition
 from cove.store import Store, Tx
 
 ENVIRONMENTS = ("prod", "staging", "dev")
+EDGE_RELEASE_WAIT = 60.0  # how long a deleted endpoint waits for its edge to let go
 
 
 def _age(ts: str | None, now: datetime) -> float | None:
@@ -128,8 +129,17 @@ class GarbageCollector:
             ):
                 return 1.0  # the node deletes the data first, then reports it released
             if res["kind"] == "endpoint":
+                waited = _age(res["metadata"]["updated_at"], datetime.now(UTC)) or 0.0
                 if _edge_still_serves(tx, res):
-                    return 0.5  # the edge closes its listeners first, then the addresses go
+                    if waited < EDGE_RELEASE_WAIT:
+                        return 0.5  # the edge closes its listeners first, then the addresses go
+                    tx.event(
+                        res,
+                        "Warning",
+                        "EdgeNotConfirmed",
+                        f"the edge has not confirmed it stopped listening after {waited:.0f}s; "
+                        "releasing the addresses anyway",
+                    )
                 from cove.control.endpoints import release_addresses
 
                 freed = release_addresses(tx, key)
