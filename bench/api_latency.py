@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,12 +47,12 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
+from _common import note, stop_on_signals
 from cove.api import service
 from cove.api.auth import Principal
 from cove.model.kinds import get_kind
@@ -74,10 +73,6 @@ K8S_SINGLE_OBJECT_MS = 1000.0
 
 class BenchError(Exception):
     """The benchmark cannot go on (server did not start, a call failed...)."""
-
-
-def note(msg: str) -> None:
-    print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -871,14 +866,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_signals()
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="cove-bench-"))
     results: list[dict[str, Any]] = []

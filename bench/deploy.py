@@ -61,10 +61,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
+
+from _common import loadavg, note, stop_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.fixtures.images builds the image
@@ -87,10 +88,6 @@ LOG_COMMAND = ["sh", "-c", 'sleep 1; seq 1 "$BENCH_LINES"; exec sleep 1000000']
 
 class BenchError(Exception):
     """The benchmark cannot go on."""
-
-
-def note(msg: str) -> None:
-    print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -213,10 +210,6 @@ def kill_pids(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def loadavg() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 # ----------------------------------------------------------------------------- HTTP probe
@@ -1503,14 +1496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_signals()
     t0 = time.monotonic()
     cleanup = Cleanup()
     result: dict[str, Any] = {}

@@ -38,8 +38,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from _common import loadavg, note, stop_on_signals
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -50,14 +51,6 @@ CONCURRENCY = 32
 
 class BenchError(Exception):
     """The benchmark cannot go on (a tool is missing, a process did not start...)."""
-
-
-def note(msg: str) -> None:
-    print(f"==> {msg}", file=sys.stderr, flush=True)
-
-
-def loadavg() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def free_port() -> int:
@@ -448,14 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_signals()
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="cove-bench-edge-"))
     procs = Procs(tmp)

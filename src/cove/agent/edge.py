@@ -232,9 +232,9 @@ class EdgeRunner:
             }
         return {"endpoints": out}
 
-    async def report(self, *, force: bool = False) -> None:
+    async def report(self) -> None:
         body = await self._report_body()
-        if body == self._sent and not force:
+        if body == self._sent:
             return
         try:
             await self.client.put(f"/v1/nodes/{self.node_id}/edge", body)

@@ -112,7 +112,6 @@ class Agent:
         bridge: str = "cove0",
         pool4: str = "10.213.0.0/24",
         pool6: str = "fd00:c0e:0:1::/64",
-        edge: bool = True,
     ) -> None:
         self.server = server
         self.join_token = join_token
@@ -122,7 +121,6 @@ class Agent:
         self.requested_driver = driver
         self.bridge = bridge
         self.pool4, self.pool6 = pool4, pool6
-        self.edge = edge
         self.workers: dict[str, InstanceWorker] = {}
         self.stopping = asyncio.Event()
 
@@ -178,7 +176,7 @@ class Agent:
             state_dir=self.state_dir,
             pool=AddressPool(self.state_dir / "net", self.bridge, self.pool4, self.pool6),
             volumes=Volumes(self.state_dir / "volumes"),
-            edge=EdgeRunner(client, node_id) if self.edge else None,
+            edge=EdgeRunner(client, node_id),
         )
         adopted: set[str] = set()
         if driver is not None:
@@ -191,8 +189,7 @@ class Agent:
                 if driver is not None:
                     tg.create_task(execs.channel(self.server, token, node_id, driver))
                 tg.create_task(self._assignments(ctx, adopted, tg))
-                if ctx.edge is not None:
-                    tg.create_task(ctx.edge.run())
+                tg.create_task(ctx.edge.run())
                 await self.stopping.wait()
                 raise _Stop
         except* _Stop:
@@ -312,7 +309,6 @@ def run_agent(
     state_dir: Path,
     driver: str = "auto",
     network: tuple[str, str, str] | None = None,
-    edge: bool = True,
 ) -> None:
     bridge, pool4, pool6 = network or default_network(state_dir)
     agent = Agent(
@@ -325,7 +321,6 @@ def run_agent(
         bridge=bridge,
         pool4=pool4,
         pool6=pool6,
-        edge=edge,
     )
 
     async def main() -> None:

@@ -49,6 +49,14 @@ class Principal:
     def scope(self) -> Scope:
         return Scope(self.org_ids, cluster=True)
 
+    def require_node(self, node_id: str | None = None) -> str:
+        """This node's ID; Forbidden for users, and for a node acting for another node."""
+        if self.kind != "node" or self.node_id is None:
+            raise errors.Forbidden("only node agents make this call")
+        if node_id is not None and node_id != self.node_id:
+            raise errors.Forbidden("a node may only act for itself")
+        return self.node_id
+
 
 def _parse_ts(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))

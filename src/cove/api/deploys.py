@@ -521,15 +521,8 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
     # -- node agent side -------------------------------------------------------------------------
 
-    def node_only(who: auth.Principal, node_id: str | None = None) -> str:
-        if who.kind != "node" or who.node_id is None:
-            raise errors.Forbidden("only node agents make this call")
-        if node_id is not None and node_id != who.node_id:
-            raise errors.Forbidden("a node may only act for itself")
-        return who.node_id
-
     def own_instance(who: auth.Principal, ins_id: str) -> dict[str, Any]:
-        node_id = node_only(who)
+        node_id = who.require_node()
         try:
             ins: dict[str, Any] = store.get(ins_id)
         except errors.NotFound:
@@ -548,7 +541,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         """Every instance placed on this node with what it needs to run (release, template,
         pull credentials); long-polls up to ``wait`` seconds for the revision to pass
         ``since``."""
-        node_only(who, node_id)
+        who.require_node(node_id)
         deadline = time.monotonic() + wait
         while api.notifier.revision <= since and time.monotonic() < deadline:
             await api.notifier.wait(since, min(1.0, max(0.0, deadline - time.monotonic())))
@@ -620,7 +613,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         """The node deleted a destroyed volume's data; the resource can go."""
 
         def run() -> dict[str, Any]:
-            node_id = node_only(who)
+            node_id = who.require_node()
             with store.write() as tx:
                 vol = tx.get(vol_id, for_update=True)
                 if vol is None or vol["kind"] != "volume" or vol["spec"].get("node") != node_id:

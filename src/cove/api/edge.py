@@ -58,12 +58,6 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
 
     Who = Annotated[auth.Principal, Depends(principal)]
 
-    def node_only(who: auth.Principal, node_id: str) -> None:
-        if who.kind != "node" or who.node_id is None:
-            raise errors.Forbidden("only node agents make this call")
-        if node_id != who.node_id:
-            raise errors.Forbidden("a node may only act for itself")
-
     @app.get("/v1/nodes/{node_id}/edge", tags=["nodes"], summary="What this node's edge serves")
     async def edge_config(
         node_id: str,
@@ -74,7 +68,7 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
         """The endpoints whose edge runs on this node, each port with the Ready instances
         behind it, and the public pools (the node makes them local). Long-polls up to
         ``wait`` seconds while the configuration's digest is still ``etag``."""
-        node_only(who, node_id)
+        who.require_node(node_id)
         deadline = time.monotonic() + wait
         while True:
             rev = api.notifier.revision
@@ -87,7 +81,7 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
 
     @app.put("/v1/nodes/{node_id}/edge", tags=["nodes"], summary="Report what the edge bound")
     async def edge_report(node_id: str, body: EdgeReport, who: Who) -> dict[str, Any]:
-        node_only(who, node_id)
+        who.require_node(node_id)
         report = {
             ep: {
                 "bound": [list(b) for b in r.bound],

@@ -26,13 +26,13 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cove.errors import Permanent, UserError
+from cove.runtime._util import atomic_write_bytes
 
 # What a cove microVM needs, in the order the guest should load them (each one's dependencies
 # are inserted before it). crc32c_generic is no modules.dep dependency of ext4 (it is found
@@ -150,15 +150,7 @@ def boot_image(kernel: Kernel, cache_dir: Path) -> Path:
     if not _has_pvh_entry(elf):
         return kernel.image
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".vmlinux-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(elf)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, elf, 0o644)
     return target
 
 
@@ -494,16 +486,7 @@ def build_initramfs(
     target = cache_dir / f"initramfs-{digest.hexdigest()[:20]}.cpio"
     if target.is_file():
         return target
-    archive = write_newc(initramfs_entries(init, mods))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".initramfs-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(archive)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, write_newc(initramfs_entries(init, mods)), 0o644)
     return target
 
 
