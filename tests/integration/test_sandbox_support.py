@@ -28,10 +28,12 @@ import pytest
 
 from cove.runtime import InstanceSpec, InstanceStatus, LogLine, SandboxDriver
 from cove.runtime.cgroups import CONTROLLERS, v1_mounts
+from cove.runtime.microvm.driver import MicroVMDriver
 from cove.runtime.rootfs import mounts_under
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 P = ParamSpec("P")
+AnyDriver = SandboxDriver | MicroVMDriver  # the helpers below serve both drivers' tests
 
 
 def sandbox_skip_reason() -> str | None:
@@ -166,7 +168,7 @@ def make_spec(layers: list[Path], instance_id: str | None = None, **kw: Any) -> 
 
 
 async def collect(
-    drv: SandboxDriver, iid: str, *, after_seq: int = 0, timeout: float = 20.0
+    drv: AnyDriver, iid: str, *, after_seq: int = 0, timeout: float = 20.0
 ) -> list[LogLine]:
     """Follow the logs until the instance's supervisor is gone."""
 
@@ -177,7 +179,7 @@ async def collect(
 
 
 async def run_to_end(
-    drv: SandboxDriver, spec: InstanceSpec, timeout: float = 20.0
+    drv: AnyDriver, spec: InstanceSpec, timeout: float = 20.0
 ) -> tuple[InstanceStatus, list[LogLine]]:
     await drv.create(spec)
     await drv.start(spec.instance_id)
@@ -189,7 +191,7 @@ def stdout_of(lines: list[LogLine]) -> list[str]:
     return [x.line for x in lines if x.stream == "stdout"]
 
 
-async def wait_for_line(drv: SandboxDriver, iid: str, text: str, timeout: float = 10.0) -> LogLine:
+async def wait_for_line(drv: AnyDriver, iid: str, text: str, timeout: float = 10.0) -> LogLine:
     async def find() -> LogLine:
         async for line in drv.logs(iid, follow=True):
             if text in line.line:
@@ -199,9 +201,7 @@ async def wait_for_line(drv: SandboxDriver, iid: str, text: str, timeout: float 
     return await asyncio.wait_for(find(), timeout)
 
 
-async def exec_output(
-    drv: SandboxDriver, iid: str, argv: list[str], **kw: Any
-) -> tuple[str, str, int]:
+async def exec_output(drv: AnyDriver, iid: str, argv: list[str], **kw: Any) -> tuple[str, str, int]:
     proc = await drv.exec(iid, argv, tty=False, **kw)
     out, err, code = await asyncio.wait_for(proc.output(), 15.0)
     return out.decode(), err.decode(), code

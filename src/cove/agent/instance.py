@@ -153,6 +153,7 @@ class InstanceWorker:
             "last_termination_reason": r.last_termination_reason,
             "addresses": r.addresses,
             "driver": self.ctx.driver_name,
+            "accel": getattr(self.ctx.driver, "accel_name", None),
             "started_at": r.started_at,
         }
         try:
@@ -272,7 +273,10 @@ class InstanceWorker:
             )
             mounts = []
             for v in self.item.get("volumes") or []:
-                host = await self.ctx.volumes.ensure(v["id"], int(v["size_gb"]))
+                if self.ctx.driver_name == "microvm":
+                    host = await self.ctx.volumes.block(v["id"], int(v["size_gb"]))
+                else:
+                    host = await self.ctx.volumes.ensure(v["id"], int(v["size_gb"]))
                 mounts.append(VolumeMount(host_path=host, container_path=v["path"]))
             want = {m["volume"] for m in ins["spec"].get("mounts") or []}
             have = {v["name"] for v in self.item.get("volumes") or []}
@@ -456,6 +460,9 @@ class InstanceWorker:
         code, reason = st.exit_code, st.reason or "exited"
         if reason == "oom":
             await self._event("Warning", "OOMKilled", f"out of memory (exit code {code})")
+        elif reason in ("crashed", "hung"):
+            what = "Crashed" if reason == "crashed" else "Hung"
+            await self._event("Warning", what, st.message or reason)
         else:
             etype = "Normal" if code == 0 else "Warning"
             await self._event(etype, "Exited", f"exited with code {code} ({reason})")

@@ -68,35 +68,79 @@ def default_state_dir(home: Path) -> Path:
     return Path("/var/lib/cove") / f"agent-{digest}"
 
 
+def _sandbox_missing() -> list[str]:
+    missing = []
+    if shutil.which("bwrap") is None:
+        missing.append("bubblewrap (bwrap) is not installed")
+    if not Path("/sys/fs/cgroup/memory").is_dir():
+        missing.append("the cgroup v1 memory controller is not mounted")
+    if os.geteuid() != 0:
+        missing.append("the agent is not running as root")
+    return missing
+
+
+def _microvm_missing() -> list[str]:
+    missing = []
+    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} is not installed ({pkg})")
+    if not list(Path("/boot").glob("vmlinuz-*")):
+        missing.append("no host kernel in /boot (linux-image-amd64)")
+    if not Path("/sys/fs/cgroup/memory").is_dir():
+        missing.append("the cgroup v1 memory controller is not mounted")
+    if os.geteuid() != 0:
+        missing.append("the agent is not running as root")
+    return missing
+
+
+SANDBOX_DETAIL = (
+    "bubblewrap sandboxes (namespaces, shifted ids, no capabilities, seccomp, "
+    "cgroup limits) - weaker isolation than a microVM"
+)
+
+
 def probe_driver(requested: str, state_dir: Path) -> tuple[Any | None, str, str]:
-    """(driver, name, detail). ``auto`` picks sandbox when its pieces are present."""
+    """(driver, name, detail).
+
+    ``microvm`` runs microVMs, under KVM when the host's KVM can run a guest (probed), under
+    TCG emulation otherwise - and says so. ``auto`` picks microvm when KVM works, else the
+    sandbox (weaker isolation, said plainly in the detail), else nothing."""
     if requested == "none":
         return None, "none", "runtime disabled (--driver none)"
-    if requested in ("auto", "sandbox"):
-        missing = []
-        if shutil.which("bwrap") is None:
-            missing.append("bubblewrap (bwrap) is not installed")
-        if not Path("/sys/fs/cgroup/memory").is_dir():
-            missing.append("the cgroup v1 memory controller is not mounted")
-        if os.geteuid() != 0:
-            missing.append("the agent is not running as root")
-        if missing:
-            if requested == "sandbox":
-                raise errors.UserError(
-                    "the sandbox driver can't run here: " + "; ".join(missing),
-                    hint="install bubblewrap and run the agent as root on a cgroup v1 host",
-                )
-            return None, "none", "no runtime: " + "; ".join(missing)
-        from cove.runtime import SandboxDriver
-
-        detail = (
-            "bubblewrap sandboxes (namespaces, shifted ids, no capabilities, seccomp, "
-            "cgroup limits) - weaker isolation than a microVM"
+    if requested not in ("auto", "sandbox", "microvm"):
+        raise errors.UserError(
+            f"unknown driver {requested!r}", hint="use microvm, sandbox, auto or none"
         )
-        return SandboxDriver(state_dir / "runtime"), "sandbox", detail
-    raise errors.UserError(
-        f"unknown driver {requested!r}", hint="use sandbox, none or auto (microvm comes later)"
-    )
+    notes: list[str] = []
+    if requested in ("auto", "microvm"):
+        missing = _microvm_missing()
+        if missing and requested == "microvm":
+            raise errors.UserError(
+                "the microvm driver can't run here: " + "; ".join(missing),
+                hint="run `make setup` (installs QEMU and a kernel) and run the agent as root",
+            )
+        if not missing:
+            from cove.runtime.microvm.driver import MicroVMDriver
+
+            drv = MicroVMDriver(state_dir / "microvm")
+            if drv.accel.name == "kvm" or requested == "microvm":
+                speed = "" if drv.accel.name == "kvm" else " - emulated, boots take seconds"
+                return drv, "microvm", f"microVMs under {drv.accel.detail}{speed}"
+            notes.append(f"microVMs not chosen: {drv.accel.detail}")
+        else:
+            notes.append("microVMs not available: " + "; ".join(missing))
+    missing = _sandbox_missing()
+    if missing:
+        if requested == "sandbox":
+            raise errors.UserError(
+                "the sandbox driver can't run here: " + "; ".join(missing),
+                hint="install bubblewrap and run the agent as root on a cgroup v1 host",
+            )
+        return None, "none", "no runtime: " + "; ".join([*missing, *notes])
+    from cove.runtime import SandboxDriver
+
+    detail = SANDBOX_DETAIL + "".join(f"; {n}" for n in notes)
+    return SandboxDriver(state_dir / "runtime"), "sandbox", detail
 
 
 class Agent:
@@ -124,7 +168,9 @@ class Agent:
         self.workers: dict[str, InstanceWorker] = {}
         self.stopping = asyncio.Event()
 
-    async def _register(self, driver_name: str, detail: str) -> tuple[str, str] | None:
+    async def _register(
+        self, driver_name: str, detail: str, accel: str | None
+    ) -> tuple[str, str] | None:
         delay = 0.5
         client = AsyncClient(self.server)
         try:
@@ -139,6 +185,7 @@ class Agent:
                             "capacity": capacity(),
                             "driver": driver_name,
                             "driver_detail": detail,
+                            "accel": accel,
                             "version": __version__,
                         },
                     )
@@ -162,7 +209,8 @@ class Agent:
             log.warning("%s", detail)
         else:
             log.info("runtime driver: %s (%s)", driver_name, detail)
-        reg = await self._register(driver_name, detail)
+        accel = getattr(driver, "accel_name", None)
+        reg = await self._register(driver_name, detail, accel)
         if reg is None:
             return
         node_id, token = reg

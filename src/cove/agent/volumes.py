@@ -46,27 +46,40 @@ class Volumes:
     def paths(self, vol_id: str) -> tuple[Path, Path]:
         return self.root / f"{vol_id}.img", self.root / vol_id
 
+    async def _image(self, vol_id: str, size_gb: int) -> tuple[Path, Path]:
+        image, mnt = self.paths(vol_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o711)
+        if not image.exists():
+            if shutil.which("mkfs.ext4") is None:
+                raise errors.Permanent("mkfs.ext4 is missing (install e2fsprogs)")
+            tmp = image.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.truncate(size_gb * 1024**3)  # sparse: takes no space until written
+            await _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(tmp))
+            tmp.rename(image)
+        return image, mnt
+
     async def ensure(self, vol_id: str, size_gb: int) -> Path:
         """Create (once) and mount the volume; return the directory to bind into instances."""
-        lock = self._locks.setdefault(vol_id, asyncio.Lock())
-        async with lock:
-            image, mnt = self.paths(vol_id)
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.root.chmod(0o711)
-            if not image.exists():
-                if shutil.which("mkfs.ext4") is None:
-                    raise errors.Permanent("mkfs.ext4 is missing (install e2fsprogs)")
-                tmp = image.with_suffix(".tmp")
-                with open(tmp, "wb") as f:
-                    f.truncate(size_gb * 1024**3)  # sparse: takes no space until written
-                await _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(tmp))
-                tmp.rename(image)
+        async with self._locks.setdefault(vol_id, asyncio.Lock()):
+            image, mnt = await self._image(vol_id, size_gb)
             mnt.mkdir(exist_ok=True)
             if not _mounted(mnt):
                 await _run("mount", "-o", "loop,nosuid,nodev", str(image), str(mnt))
             data = mnt / "data"
             data.mkdir(exist_ok=True)
             return data
+
+    async def block(self, vol_id: str, size_gb: int) -> Path:
+        """Create (once) the volume and return its image file, for a microVM to attach as a
+        disk; never mounted on the host meanwhile (one writer per filesystem). The guest
+        mounts it and uses its ``data`` directory, as the host mount does."""
+        async with self._locks.setdefault(vol_id, asyncio.Lock()):
+            image, mnt = await self._image(vol_id, size_gb)
+            if _mounted(mnt):
+                await _run("umount", str(mnt))
+            return image
 
     async def delete(self, vol_id: str) -> None:
         image, mnt = self.paths(vol_id)

@@ -186,6 +186,7 @@ class RegisterNodeBody(_Body):
     capacity: dict[str, float] = Field(default_factory=dict)
     driver: str = Field(default="none", max_length=40)
     driver_detail: str = Field(default="", max_length=500)
+    accel: str | None = Field(default=None, pattern=r"^(kvm|tcg)$")
     version: str = Field(default="", max_length=40)
 
     _labels = field_validator("labels")(_check_labels)
@@ -744,6 +745,7 @@ def create_app(
                 "allocatable": body.capacity,
                 "driver": body.driver,
                 "driver_detail": body.driver_detail,
+                "accel": body.accel,
                 "version": body.version,
                 "last_heartbeat": None,
             }

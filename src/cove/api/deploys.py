@@ -96,6 +96,7 @@ class InstanceStatusBody(_Body):
     last_termination_reason: str | None = Field(default=None, max_length=32)
     addresses: dict[str, str] = Field(default_factory=dict)
     driver: str | None = Field(default=None, max_length=40)
+    accel: str | None = Field(default=None, pattern=r"^(kvm|tcg)$")
     started_at: str | None = Field(default=None, max_length=40)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 State = Literal["created", "running", "exited", "unknown"]
-Reason = Literal["exited", "oom", "killed", "signal"]
+Reason = Literal["exited", "oom", "killed", "signal", "crashed", "hung"]
 Stream = Literal["stdout", "stderr"]
 
 
@@ -144,7 +144,10 @@ class InstanceStatus:
 
     ``reason`` says why it ended: ``exited`` (the main process exited by itself), ``oom`` (the
     memory limit was hit and the kernel killed a process), ``killed`` (SIGKILL at the stop
-    deadline), ``signal`` (ended by a signal, e.g. the stop signal or a crash). ``exit_code``
+    deadline), ``signal`` (ended by a signal, e.g. the stop signal or a crash), and for a
+    microVM ``crashed`` (the VM ended without its guest reporting an exit: kernel panic, QEMU
+    killed; ``exit_code`` is None, ``message`` says what is known) or ``hung`` (the guest
+    stopped answering and was killed). ``exit_code``
     follows the shell convention: 128 + N when ended by signal N (``signal`` then holds N).
     ``state`` is ``unknown`` when the supervisor disappeared without recording an end.
     """

@@ -157,15 +157,55 @@ async def attach(net: NetConfig, instance_id: str, sandbox_pid: int) -> None:
         os.close(ns_fd)
 
 
+async def attach_tap(net: NetConfig, instance_id: str, owner_uid: int) -> str:
+    """Create the instance's tap (a microVM's ``eth0`` on the host side) on its bridge, owned
+    by *owner_uid* (the unprivileged QEMU process opens it), up; return its name. The guest
+    configures its own addresses (cove-init, from the CONFIG frame)."""
+    netlink_error = _netlink_error()
+    host = host_ifname(instance_id)
+    try:
+        async with _ipr(net.netns) as ipr:
+            br = await _ensure_bridge(ipr, net)
+            for stale in await ipr.link_lookup(ifname=host):  # left over from an earlier run
+                await ipr.link("del", index=stale)
+            await _run_ip(
+                net.netns,
+                "tuntap",
+                "add",
+                "dev",
+                host,
+                "mode",
+                "tap",
+                "user",
+                str(owner_uid),
+                check=True,
+            )
+            idx = (await ipr.link_lookup(ifname=host))[0]
+            await ipr.link("set", index=idx, master=br, state="up")
+    except netlink_error as exc:
+        raise Permanent(f"cannot set up the instance network: {exc}") from exc
+    except OSError as exc:
+        raise Transient(f"cannot set up the instance network: {exc}") from exc
+    return host
+
+
 async def detach(net: NetConfig, instance_id: str, timeout: float = 10.0) -> None:
-    """Remove the host end of the instance's veth (the pair goes with it). Idempotent.
+    """Remove the host end of the instance's veth (the pair goes with it) or its tap.
+    Idempotent.
 
     Uses ``ip`` in a subprocess: no forking of the (agent) process that calls it."""
-    cmd = (
-        ["ip"]
-        + (["-n", net.netns] if net.netns else [])
-        + ["link", "del", host_ifname(instance_id)]
-    )
+    text = await _run_ip(net.netns, "link", "del", host_ifname(instance_id), timeout=timeout)
+    gone = ("Cannot find device", "does not exist", "Cannot open network namespace")
+    if text is not None and not any(g in text for g in gone):
+        raise Transient(f"cannot remove the instance's network interface: {text.strip()}")
+
+
+async def _run_ip(
+    netns: str | None, *args: str, timeout: float = 10.0, check: bool = False
+) -> str | None:
+    """Run ``ip [-n NETNS] ARGS``; None when it succeeded, else its error output (raised as
+    Transient with *check*)."""
+    cmd = ["ip"] + (["-n", netns] if netns else []) + list(args)
     proc = await asyncio.create_subprocess_exec(
         *cmd,
         stdin=asyncio.subprocess.DEVNULL,
@@ -179,6 +219,8 @@ async def detach(net: NetConfig, instance_id: str, timeout: float = 10.0) -> Non
         await proc.wait()
         raise Transient(f"`{' '.join(cmd)}` did not finish in {timeout:.0f}s") from None
     text = err.decode(errors="replace")
-    gone = ("Cannot find device", "does not exist", "Cannot open network namespace")
-    if proc.returncode and not any(g in text for g in gone):
-        raise Transient(f"cannot remove the instance's veth: {text.strip()}")
+    if not proc.returncode:
+        return None
+    if check:
+        raise Transient(f"`{' '.join(cmd)}` failed: {text.strip()}")
+    return text

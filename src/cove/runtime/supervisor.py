@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -439,8 +440,18 @@ class Supervisor:
 
 
 def main(argv: list[str]) -> int:
+    return run_supervisor(argv, lambda paths, ready_fd: Supervisor(paths, ready_fd).run())
+
+
+def run_supervisor(
+    argv: list[str], make: Callable[[InstancePaths, int], Coroutine[Any, Any, int]]
+) -> int:
+    """A supervisor's process life, whatever it supervises: one per instance (a lock), the
+    short-lived first process relays the start result, the second (in a new session, stdio
+    on /dev/null) runs ``make(paths, ready_fd)`` - which writes ``{"ok": ...}`` to
+    ``ready_fd`` once the instance runs or failed to."""
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m cove.runtime.supervisor <instance dir>\n")
+        sys.stderr.write(f"usage: python -m {argv[0]} <instance dir>\n")
         return 2
     paths = InstancePaths(Path(argv[1]).resolve())
     # one supervisor per instance: the lock is held (inherited) by the long-lived process
@@ -475,7 +486,7 @@ def main(argv: list[str]) -> int:
     os.dup2(devnull, 1)  # the driver waits for EOF on the first process's stdout
     os.close(devnull)
     try:
-        return asyncio.run(Supervisor(paths, ready_w).run())
+        return asyncio.run(make(paths, ready_w))
     except BaseException as exc:  # last resort: leave a trace and a final status
         _log(f"crashed: {exc!r}")
         with contextlib.suppress(Exception):
