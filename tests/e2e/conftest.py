@@ -22,6 +22,16 @@ from .helpers import (
 )
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a deploy ``cluster`` (or ``edge_cluster``) runs on the sandbox driver;
+    those marked ``both_drivers`` on the microvm driver too."""
+    both = metafunc.definition.get_closest_marker("both_drivers") is not None
+    drivers = ["sandbox", "microvm"] if both else ["sandbox"]
+    for fixture in ("cluster", "edge_cluster"):
+        if fixture in metafunc.fixturenames:
+            metafunc.parametrize(fixture, drivers, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("cove-home")

@@ -256,34 +256,42 @@ def reserve_addresses(state_dir: Path, window: int = 24) -> list[int]:
     return sorted(keep)
 
 
+def runtime_dir(state_dir: Path) -> Path:
+    """The agent's driver state: ``runtime`` (sandbox) or ``microvm``."""
+    vm = state_dir / "microvm"
+    return vm if (vm / "instances").is_dir() else state_dir / "runtime"
+
+
 def runtime_status(state_dir: Path, instance_id: str) -> dict[str, Any]:
-    """The sandbox driver's own record of an instance (pid, supervisor pid, started_at)."""
-    path = state_dir / "runtime" / "instances" / instance_id / "status.json"
+    """The driver's own record of an instance (pid, supervisor pid, started_at)."""
+    path = runtime_dir(state_dir) / "instances" / instance_id / "status.json"
     doc: dict[str, Any] = json.loads(path.read_text())
     return doc
 
 
 def sandbox_ids(state_dir: Path) -> list[str]:
-    d = state_dir / "runtime" / "instances"
+    d = runtime_dir(state_dir) / "instances"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
 def destroy_sandboxes(state_dir: Path) -> list[str]:
-    """Destroy every sandbox under the agent's runtime dir (supervisor, veth, mounts,
-    cgroups, id block, files); returns the errors."""
-    runtime = state_dir / "runtime"
-    if not (runtime / "instances").is_dir():
-        return []
+    """Destroy every instance under the agent's driver dirs (supervisor, QEMU, veth/tap,
+    mounts, cgroups, id block, files); returns the errors."""
     from cove.runtime import SandboxDriver
+    from cove.runtime.microvm.driver import MicroVMDriver
+    from cove.runtime.supervised import SupervisedDriver
 
     async def run() -> list[str]:
-        driver = SandboxDriver(runtime)
         problems = []
-        for iid in sandbox_ids(state_dir):
-            try:
-                await driver.destroy(iid)
-            except Exception as exc:
-                problems.append(f"{iid}: {exc}")
+        for sub, make in (("runtime", SandboxDriver), ("microvm", MicroVMDriver)):
+            if not (state_dir / sub / "instances").is_dir():
+                continue
+            driver: SupervisedDriver = make(state_dir / sub)
+            for d in sorted((state_dir / sub / "instances").iterdir()):
+                try:
+                    await driver.destroy(d.name)
+                except Exception as exc:
+                    problems.append(f"{d.name}: {exc}")
         return problems
 
     return asyncio.run(run())
@@ -304,6 +312,7 @@ class Cluster:
     token: str
     scratch: Path
     addresses: list[int] = field(default_factory=list)
+    driver: str = "sandbox"
 
     def cove(self, *args: str, timeout: float = 90) -> Result:
         return run_cove(list(args), home=self.home, timeout=timeout)
@@ -316,7 +325,9 @@ class Cluster:
 
     def up(self) -> None:
         """``cove up --detach`` (again) on the same COVE_HOME; the URL may change."""
-        r = run_cove(["up", "--detach", "--port", "0"], home=self.home, timeout=90)
+        r = run_cove(
+            ["up", "--detach", "--port", "0", "--driver", self.driver], home=self.home, timeout=90
+        )
         assert r.code == 0, f"cove up failed\n{r}\n--- log ---\n{self.log()}"
         self.url = r.out.strip()
 
@@ -525,12 +536,23 @@ def app_image(builder: ImageBuilder) -> BuiltImage:
     return build_app_image(builder, "a")
 
 
+BOTH_DRIVERS = pytest.mark.both_drivers
+"""A test marked with this runs against a cluster of each runtime driver (conftest's
+pytest_generate_tests); the others against the sandbox one. The microvm cluster runs under
+TCG here (seconds per boot), so the marked tests are those that cover a capability."""
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    driver = str(getattr(request, "param", "sandbox"))
     require_tools("bwrap", "skopeo", "umoci")
     if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory").is_dir():
-        pytest.skip("the sandbox driver needs root and the cgroup v1 memory controller")
-    home = tmp_path_factory.mktemp("cove-deploy-home")
+        pytest.skip("the runtime drivers need root and the cgroup v1 memory controller")
+    if driver == "microvm":
+        require_tools("qemu-system-x86_64", "qemu-img")
+    home = tmp_path_factory.mktemp(f"cove-deploy-home-{driver}")
     scratch = tmp_path_factory.mktemp("cove-deploy-apps")
     state_dir = agent_state_dir(home)
     if state_dir.exists():  # a stale state dir from an earlier run with this path
@@ -538,7 +560,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         shutil.rmtree(state_dir, ignore_errors=True)
     window = reserve_addresses(state_dir)
     try:
-        r = run_cove(["up", "--detach", "--port", "0"], home=home, timeout=90)
+        r = run_cove(["up", "--detach", "--port", "0", "--driver", driver], home=home, timeout=90)
         assert r.code == 0, f"cove up failed\n{r}\n--- log ---\n{server_log(home)}"
         url = r.out.strip()
         email, org, project = f"{uniq('ops')}@example.com", uniq("org"), uniq("prj")
@@ -552,21 +574,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         api.create("projects", project, org=org)
         api.close()
         # the node must have joined before anything can be placed
-        wait_for(lambda: _node_ready(url, token), timeout=30, what="the local node to be Ready")
-        yield Cluster(home, url, state_dir, org, project, token, scratch, window)
+        node = wait_for(
+            lambda: _node_ready(url, token), timeout=60, what="the local node to be Ready"
+        )
+        assert node["status"]["driver"] == driver, node["status"]
+        yield Cluster(home, url, state_dir, org, project, token, scratch, window, driver)
     finally:
         teardown(home, state_dir)
 
 
-def _node_ready(url: str, token: str) -> bool:
+def _node_ready(url: str, token: str) -> dict[str, Any] | None:
     api = Api(url, token)
     try:
         nodes = api.call("GET", "/v1/nodes")["items"]
     except Exception:
-        return False
+        return None
     finally:
         api.close()
-    return any(is_ready(n) for n in nodes)
+    return next((n for n in nodes if is_ready(n)), None)
 
 
 def teardown(home: Path, state_dir: Path) -> None:

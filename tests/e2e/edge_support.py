@@ -192,10 +192,15 @@ def _start(cmd: list[str], home: Path, log: Path, extra: dict[str, str]) -> subp
 
 
 @pytest.fixture(scope="module")
-def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeCluster]:
+def edge_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EdgeCluster]:
+    driver = str(getattr(request, "param", "sandbox"))
     require_tools("bwrap", "skopeo", "umoci", "ip", "nsenter", "gcc")
     if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory").is_dir():
-        pytest.skip("the sandbox driver needs root and the cgroup v1 memory controller")
+        pytest.skip("the runtime drivers need root and the cgroup v1 memory controller")
+    if driver == "microvm":
+        require_tools("qemu-system-x86_64", "qemu-img")
     tag = secrets.token_hex(3)
     netns = f"cove-e2e-{tag}"
     home = tmp_path_factory.mktemp("cove-edge-home")
@@ -260,7 +265,7 @@ def edge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeClust
                 "--name",
                 f"edge-{tag}",
                 "--driver",
-                "sandbox",
+                driver,
                 "--state-dir",
                 str(state_dir),
                 "--bridge",

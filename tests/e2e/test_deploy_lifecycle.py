@@ -22,6 +22,7 @@ import pytest
 from tests.fixtures.images import BuiltImage, ImageBuilder, RegistryServer, push
 
 from .deploy_support import (  # noqa: F401  (fixtures)
+    BOTH_DRIVERS,
     HTTP_CHECK,
     Cluster,
     app_image,
@@ -222,6 +223,7 @@ def _reader(proc: subprocess.Popen[str], out: queue.Queue[str]) -> None:
         out.put(line)
 
 
+@BOTH_DRIVERS
 @pytest.mark.timeout(90)
 def test_logs_follow_and_per_instance(
     cluster: Cluster,  # noqa: F811
@@ -280,6 +282,7 @@ def test_logs_follow_and_per_instance(
 # ----------------------------------------------------------------------------- 7. secrets
 
 
+@BOTH_DRIVERS
 @pytest.mark.timeout(90)
 def test_secrets_reach_the_instance_only(
     cluster: Cluster,  # noqa: F811

@@ -20,6 +20,7 @@ import pytest
 from tests.fixtures.images import BuiltImage
 
 from .deploy_support import (  # noqa: F401  (fixtures)
+    BOTH_DRIVERS,
     Cluster,
     Deployment,
     app_image,
@@ -67,6 +68,7 @@ def _running(d: Deployment) -> dict[str, Any] | None:
     return items[0] if len(items) == 1 else None
 
 
+@BOTH_DRIVERS
 @pytest.mark.timeout(240)
 def test_volume_data_survives_restart_deploy_rollback_and_agent_restart(
     cluster: Cluster,  # noqa: F811
@@ -136,6 +138,7 @@ def test_volume_data_survives_restart_deploy_rollback_and_agent_restart(
     assert not vol["metadata"]["deleting"]
 
 
+@BOTH_DRIVERS
 @pytest.mark.timeout(120)
 def test_exec_exit_codes_streams_and_a_terminal(
     cluster: Cluster,  # noqa: F811

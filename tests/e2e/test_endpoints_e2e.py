@@ -62,6 +62,7 @@ def serving(ep: dict[str, Any], n: int | None = None) -> bool:
     return n is None or len(ep["status"]["backends"]) == n
 
 
+@pytest.mark.both_drivers
 def test_ipv6_and_the_ipv4_add_on_reach_every_instance(
     edge_cluster: EdgeCluster, images: dict[str, BuiltImage]
 ) -> None:
@@ -171,6 +172,7 @@ def test_udp_round_trip(edge_cluster: EdgeCluster, images: dict[str, BuiltImage]
         assert in_netns(c.netns, lambda a=addr: ask(a)) == f"{ins['name']} question".encode()
 
 
+@pytest.mark.both_drivers
 def test_a_failing_instance_leaves_rotation_within_its_check_interval(
     edge_cluster: EdgeCluster, images: dict[str, BuiltImage]
 ) -> None:

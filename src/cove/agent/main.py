@@ -207,6 +207,8 @@ class Agent:
         driver, driver_name, detail = probe_driver(self.requested_driver, self.state_dir)
         if driver is None:
             log.warning("%s", detail)
+        elif driver_name == "sandbox" and self.requested_driver == "auto":
+            log.warning("runtime driver: sandbox - NOTE: weaker isolation (%s)", detail)
         else:
             log.info("runtime driver: %s (%s)", driver_name, detail)
         accel = getattr(driver, "accel_name", None)

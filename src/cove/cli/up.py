@@ -72,7 +72,11 @@ def register(app: typer.Typer) -> None:
         ] = 60.0,
         driver: Annotated[
             str,
-            typer.Option("--driver", help="the agent's runtime: sandbox, none or auto"),
+            typer.Option(
+                "--driver",
+                help="the agent's runtime: microvm, sandbox, auto (microvm when KVM works, "
+                "else sandbox) or none",
+            ),
         ] = "auto",
     ) -> None:
         run = config.run_dir()
@@ -229,7 +233,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
         region: Annotated[str, typer.Option("--region", help="region this node is in")] = "local",
         driver: Annotated[
-            str, typer.Option("--driver", help="sandbox, none or auto (sandbox when it can run)")
+            str,
+            typer.Option(
+                "--driver",
+                help="microvm (KVM, or TCG emulation when KVM can't run a guest), sandbox, "
+                "auto (microvm when KVM works, else sandbox) or none",
+            ),
         ] = "auto",
         state_dir: Annotated[
             Path | None,
