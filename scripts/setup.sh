@@ -32,9 +32,11 @@ APT_PACKAGES=(
   # see stop_system_haproxy; iperf3's debconf question "start as a daemon" defaults to no)
   haproxy
   iperf3
-  # microVM runtime (cove.runtime.microvm): QEMU (-M microvm, TCG) boots the host's Debian kernel
-  # with its modules from /lib/modules; the guest init (guest/init.c) is built on demand with gcc
+  # microVM runtime (cove.runtime.microvm): QEMU (-M microvm, KVM or TCG) boots the host's Debian
+  # kernel with its modules from /lib/modules; qemu-img makes the per-instance qcow2 overlays;
+  # the guest init (guest/init.c) is built on demand with gcc
   qemu-system-x86
+  qemu-utils
   linux-image-amd64
   # C: the guest init and the tests' small static helpers (tests/fixtures/udpecho.c)
   gcc

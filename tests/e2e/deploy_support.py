@@ -578,6 +578,9 @@ def cluster(
             lambda: _node_ready(url, token), timeout=60, what="the local node to be Ready"
         )
         assert node["status"]["driver"] == driver, node["status"]
+        if driver == "microvm":  # the node says whether its microVMs run under KVM or TCG
+            assert node["status"]["accel"] in ("kvm", "tcg"), node["status"]
+            assert node["status"]["accel"].upper() in node["status"]["driver_detail"]
         yield Cluster(home, url, state_dir, org, project, token, scratch, window, driver)
     finally:
         teardown(home, state_dir)

@@ -234,6 +234,13 @@ def test_logs_follow_and_per_instance(
     assert (r := d.deploy()).code == 0, str(r)
     instances = {i["id"]: i for i in d.instances()}
     assert len(instances) == 2
+    for i in instances.values():  # which runtime runs it, and (microVMs) KVM or TCG
+        assert i["status"]["driver"] == cluster.driver, i["status"]
+        if cluster.driver == "microvm":
+            accel = i["status"]["accel"]
+            assert accel in ("kvm", "tcg"), i["status"]
+            r = d.cove("instances", "describe", i["name"])
+            assert r.code == 0 and f"accel: {accel}" in r.out, r.out
 
     started = time.time()
     proc = d.popen("logs", "-f", "-o", "json")

@@ -306,3 +306,38 @@ async def test_adopt_after_the_driver_restarts(driver: MicroVMDriver, layers: li
     assert (out, code) == ("still here\n", 0)
     st = await again.stop(spec.instance_id, signal.SIGTERM, 5.0)
     assert st.state == "exited"
+
+
+@arun
+async def test_bad_specs_are_refused_before_anything_is_made(
+    driver: MicroVMDriver, layers: list[Path], tmp_path: Path
+) -> None:
+    bad = [
+        (make_spec(layers, argv=["true"], memory_mb=32), "too small"),
+        (
+            make_spec(
+                layers,
+                argv=["true"],
+                volumes=[VolumeMount(host_path=tmp_path, container_path="/d")],
+            ),
+            "not a disk image",
+        ),
+        (
+            make_spec(
+                layers,
+                argv=["true"],
+                volumes=[VolumeMount(host_path=tmp_path / "x.img", container_path="/proc")],
+            ),
+            "reserved",
+        ),
+        (make_spec(layers, argv=[""]), "empty command"),
+        (make_spec(layers, argv=["true"], env={"A": "b\0c"}), "NUL"),
+        (make_spec(layers, argv=["true"], hostname="-bad-"), "bad hostname"),
+        (make_spec(layers, argv=["true"], secrets_json=b"{nope"), "not JSON"),
+    ]
+    for spec, needle in bad:
+        with pytest.raises(UserError, match=needle):
+            await driver.create(spec)
+        assert not driver.instance_dir(spec.instance_id).exists()
+    with pytest.raises(UserError, match="bad instance id"):
+        await driver.status("../etc")
