@@ -5,6 +5,8 @@ hostile image (refused, nothing left in the layer cache). One ``cove up`` for th
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +181,45 @@ def test_failing_health_check_restarts_the_instance(
         what="the environment to be Ready again",
     )
     assert st["ready"]["reason"] == "RolloutComplete", st
+
+
+# ----------------------------------------------------------------------------- microVM crashes
+
+
+@BOTH_DRIVERS
+@pytest.mark.timeout(180)
+def test_a_guest_panic_and_a_killed_qemu_are_crashes_and_restart(
+    cluster: Cluster,  # noqa: F811
+    app_image: BuiltImage,  # noqa: F811
+) -> None:
+    if cluster.driver != "microvm":
+        pytest.skip("a guest kernel and a QEMU process are a microVM's")
+    d = cluster.deployment()
+    d.write_toml(app_image.ref, checks=[HTTP_CHECK], restart=FAST_RESTART, deadline="60s")
+    assert (r := d.deploy()).code == 0, str(r)
+    [ins] = d.instances()
+
+    def restarted(n: int) -> dict[str, Any] | None:
+        [now] = d.api_instances()
+        st = now["status"]
+        return now if int(st.get("restart_count") or 0) >= n and is_ready(now) else None
+
+    # the guest's kernel panics (root in the guest may do that to its own kernel)
+    d.cove("exec", "--instance", ins["name"], "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+    wait_for(lambda: restarted(1), timeout=90, what="a restart after the guest's kernel panic")
+    # QEMU itself is killed on the host
+    vm = json.loads(
+        (cluster.state_dir / "microvm" / "instances" / ins["id"] / "sandbox.json").read_text()
+    )
+    os.kill(int(vm["qemu_pid"]), signal.SIGKILL)
+    after = wait_for(lambda: restarted(2), timeout=90, what="a restart after QEMU was killed")
+    assert after["id"] == ins["id"]
+    evs = instance_events(d.events(), ins["name"])
+    crashes = [e["spec"]["message"] for e in evs if e["spec"]["reason"] == "Crashed"]
+    assert len(crashes) >= 2, [(e["spec"]["reason"], e["spec"]["message"]) for e in evs]
+    assert crashes[0].startswith("guest kernel panic: "), crashes
+    assert "QEMU ended by signal 9" in crashes[1], crashes
+    assert after["status"]["last_termination_reason"] == "crashed", after["status"]
 
 
 # ----------------------------------------------------------------------------- 9. hostile image
