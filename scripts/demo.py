@@ -102,6 +102,17 @@ def main() -> None:
         cove("auth", "signup", "--email", EMAIL, "--password", PASSWORD, "--org", ORG)
     say("The node agent registered itself and says which runtime it uses")
     cove("nodes", "list")
+    nodes = subprocess.run(
+        [COVE, "nodes", "list", "-o", "json"], env=ENV, cwd=APP_DIR, capture_output=True, text=True
+    )
+    for node in json.loads(nodes.stdout or "[]"):
+        st = node["status"]
+        accel = f" ({st['accel'].upper()})" if st.get("accel") else ""
+        print(f"  {node['name']}: {st.get('driver')}{accel} - {st.get('driver_detail')}")
+    print(
+        "  (`cove up --driver microvm` runs each instance in its own microVM: KVM where the\n"
+        "   host's KVM can run a guest, else TCG emulation - slower boots, same isolation)"
+    )
     say("A project and an app; every app comes with environments prod, staging and dev")
     if missing("projects", "describe", "shop", "--org", ORG):
         cove("projects", "create", "shop", "--org", ORG, "--wait")
@@ -218,7 +229,7 @@ def main() -> None:
         "app.example.com",
         check=False,
     )
-    say("Coming next: microVM isolation, several nodes, metering and the terminal console.")
+    say("Coming next: several nodes, metering and the terminal console.")
     print(
         f"\ncove is still running (the demo registry has stopped; images stay cached on the "
         f"node). Try it yourself:\n  export COVE_HOME={HOME}\n"

@@ -19,7 +19,7 @@ import shutil
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cove import __version__, errors
 from cove.agent import execs
@@ -28,6 +28,9 @@ from cove.agent.instance import InstanceWorker, NodeContext
 from cove.agent.network import AddressPool
 from cove.agent.volumes import Volumes
 from cove.client import AsyncClient
+
+if TYPE_CHECKING:
+    from cove.runtime.microvm.driver import MicroVMDriver
 
 log = logging.getLogger("cove.agent")
 HEARTBEAT_SECONDS = 5.0
@@ -112,6 +115,7 @@ def probe_driver(requested: str, state_dir: Path) -> tuple[Any | None, str, str]
             f"unknown driver {requested!r}", hint="use microvm, sandbox, auto or none"
         )
     notes: list[str] = []
+    drv: MicroVMDriver | None = None
     if requested in ("auto", "microvm"):
         missing = _microvm_missing()
         if missing and requested == "microvm":
@@ -122,12 +126,19 @@ def probe_driver(requested: str, state_dir: Path) -> tuple[Any | None, str, str]
         if not missing:
             from cove.runtime.microvm.driver import MicroVMDriver
 
-            drv = MicroVMDriver(state_dir / "microvm")
+            try:
+                drv = MicroVMDriver(state_dir / "microvm")
+            except errors.CoveError as exc:
+                if requested == "microvm":
+                    raise
+                drv = None
+                notes.append(f"microVMs not available: {exc.detail}")
+        if not missing and drv is not None:
             if drv.accel.name == "kvm" or requested == "microvm":
                 speed = "" if drv.accel.name == "kvm" else " - emulated, boots take seconds"
                 return drv, "microvm", f"microVMs under {drv.accel.detail}{speed}"
             notes.append(f"microVMs not chosen: {drv.accel.detail}")
-        else:
+        elif missing:
             notes.append("microVMs not available: " + "; ".join(missing))
     missing = _sandbox_missing()
     if missing:

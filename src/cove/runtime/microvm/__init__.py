@@ -1,9 +1,10 @@
-"""The microVM runtime (QEMU ``-M microvm``): host-side boot artefacts, for now.
+"""The microVM runtime (QEMU ``-M microvm``).
 
-This step provides the pieces a microVM driver boots from: the host kernel and its modules,
-the initramfs carrying ``cove-init`` (``guest/init.c``, the guest's PID 1), the command config
-cove-init reads from the root disk, and the ext4 root disk itself. The driver (the
-:class:`cove.runtime.base.Driver` implementation) comes later.
+The driver is :class:`cove.runtime.microvm.driver.MicroVMDriver` (its supervisor:
+``cove.runtime.microvm.supervisor``, the control channel: ``protocol``, the root disk:
+``disk``, KVM or TCG: ``accel``). This package exports the boot artefacts: the host kernel
+and its modules, the initramfs carrying ``cove-init`` (``guest/init.c``, the guest's PID 1),
+the file-config fallback cove-init also reads from the root disk, and ext4 images.
 """
 
 from cove.runtime.microvm.initramfs import (
