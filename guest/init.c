@@ -94,6 +94,10 @@ static int console_fd = 2;
 static int port_fd = -1;     /* the cove.ctl port (protocol mode), else -1 */
 static int port_broken;      /* a write to the port failed: stop sending */
 static int command_started;  /* protocol mode: the command was forked */
+/* The command and every exec run in one cgroup (v2) whose pids.max is the instance's
+ * limit: children join it before they exec (child_exec). */
+#define APP_CGROUP "/sys/fs/cgroup/cove"
+static int app_cgroup_ready;
 
 static void send_frame(int type, uint32_t ch, const void *payload, size_t len);
 static void fatal_after_start(void) __attribute__((noreturn));
@@ -341,6 +345,7 @@ struct config {
     size_t nvolumes;
     const char *ip4, *ip6, *gw4, *gw6;
     const char *secrets;
+    unsigned long pids_max; /* 0: no limit */
 };
 
 enum rec_kind { REC_FILE, REC_CONFIG, REC_EXEC };
@@ -412,6 +417,9 @@ static int config_record(struct config *c, enum rec_kind kind, const char *k, ch
         c->gw6 = v;
     } else if (strcmp(k, "secrets") == 0) {
         c->secrets = v;
+    } else if (strcmp(k, "pids_max") == 0) {
+        if (parse_ulong(v, 4194304, &c->pids_max) != 0 || c->pids_max == 0)
+            BAD("config: bad pids_max %s", v);
     } else {
         return 1;
     }
@@ -499,6 +507,12 @@ static void child_exec(const struct spec *s, int errfd, int in, int out, int err
     sigaction(SIGINT, &dfl, NULL);
     sigaction(SIGHUP, &dfl, NULL);
     setsid();
+    if (app_cgroup_ready && write_text_file(APP_CGROUP "/cgroup.procs", "0") != 0) {
+        int report[2] = {6, errno};
+        ssize_t w = write(errfd, report, sizeof report);
+        (void)w;
+        _exit(125);
+    }
     if (tty >= 0) ioctl(tty, TIOCSCTTY, 0);
     if (in >= 0) dup2(in, 0);
     if (out >= 0) dup2(out, 1);
@@ -532,10 +546,12 @@ static int exec_result(int errfd, const struct spec *s, char *msg, size_t msglen
     while (r < 0 && errno == EINTR);
     if (r != (ssize_t)sizeof report) return 0;
     static const char *steps[] = {"", "chdir to workdir", "setgroups", "setgid", "setuid",
-                                  "exec"};
-    int step = report[0] >= 1 && report[0] <= 5 ? report[0] : 5;
+                                  "exec", "join the pids cgroup"};
+    int step = report[0] >= 1 && report[0] <= 6 ? report[0] : 5;
     const char *err = strerror(report[1]);
-    if (step == 1)
+    if (step == 6)
+        snprintf(msg, msglen, "%s: %s", steps[step], err);
+    else if (step == 1)
         snprintf(msg, msglen, "%s %s: %s", steps[step], s->workdir, err);
     else if (step == 5)
         snprintf(msg, msglen, "%s %s: %s", steps[step], s->argv[0], err);
@@ -941,6 +957,19 @@ static void write_secrets(const char *json, uid_t uid, gid_t gid) {
     if (close(fd) != 0) fatal("close %s", path);
 }
 
+static void setup_pids_limit(unsigned long pids_max) {
+    char value[32];
+    mkdir_p("/sys/fs/cgroup", 0755);
+    if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
+        fatal("mount cgroup2 on /sys/fs/cgroup");
+    if (write_text_file("/sys/fs/cgroup/cgroup.subtree_control", "+pids") != 0)
+        fatal("enable the pids controller");
+    if (mkdir(APP_CGROUP, 0755) != 0 && errno != EEXIST) fatal("mkdir %s", APP_CGROUP);
+    snprintf(value, sizeof value, "%lu", pids_max);
+    if (write_text_file(APP_CGROUP "/pids.max", value) != 0) fatal("write pids.max");
+    app_cgroup_ready = 1;
+}
+
 /* ---- sessions: the command (channel 0) and the execs -------------------------------- */
 
 struct session {
@@ -1147,6 +1176,7 @@ static void start_instance(const char *payload, size_t len) {
     for (size_t i = 0; i < cfg.nvolumes; i++) mount_volume(i, cfg.volumes[i]);
     setup_network(&cfg);
     if (cfg.secrets) write_secrets(cfg.secrets, cfg.run.uid, cfg.run.gid);
+    if (cfg.pids_max) setup_pids_limit(cfg.pids_max);
     if (cfg.run.workdir[0] == '/' && access(cfg.run.workdir, F_OK) != 0)
         mkdir_p(cfg.run.workdir, 0755);
 

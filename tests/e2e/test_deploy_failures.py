@@ -130,10 +130,10 @@ def test_failing_health_check_restarts_the_instance(
     slow = cluster.driver == "microvm"
     d.write_toml(
         app_image.ref,
-        env={"SERVE_FOR": "25" if slow else "7"},
+        env={"SERVE_FOR": "14" if slow else "7"},
         checks=[check],
         restart=FAST_RESTART,
-        deadline="20s" if slow else "5s",
+        deadline="12s" if slow else "5s",
     )
     assert (r := d.deploy()).code == 0, str(r)
     [ins] = d.instances()

@@ -93,7 +93,13 @@ async def test_runs_the_command_with_its_user_env_secrets_and_exit_code(
     script = (
         "echo out-line; echo err-line >&2; id; pwd; echo FOO=$FOO; hostname;"
         " cat /run/cove/secrets.json; echo; stat -c '%a %u' /run/cove/secrets.json;"
-        " cat /proc/meminfo | head -1; exit 3"
+        " cat /proc/meminfo | head -1;"
+        # more processes than pids_max (16): the subshell dies at the first refused fork;
+        # what follows uses shell builtins only (a fork could be refused too until the
+        # sleeps end)
+        " (for i in $(seq 30); do sleep 2 & done) 2>/dev/null;"
+        " read m < /sys/fs/cgroup/cove/pids.max; echo $m;"
+        " while read k v; do echo $k $v; done < /sys/fs/cgroup/cove/pids.events; exit 3"
     )
     spec = make_spec(
         layers,
@@ -102,6 +108,7 @@ async def test_runs_the_command_with_its_user_env_secrets_and_exit_code(
         user="app",
         workdir="/home/app",
         memory_mb=160,
+        pids_max=16,
         secrets_json=b'{"bundle": "sec_1", "version": 1, "values": {"K": "v"}}',
     )
     await driver.create(spec)
@@ -120,6 +127,8 @@ async def test_runs_the_command_with_its_user_env_secrets_and_exit_code(
     assert out[6] == "400 1000"
     mem_kb = int(out[7].split()[1])
     assert 100_000 < mem_kb <= 160 * 1024, out[7]  # the memory limit is the VM's size
+    assert out[8] == "16"  # the pids limit holds inside the guest too
+    assert out[9].startswith("max ") and int(out[9].split()[1]) > 0, out[9:]
     print(f"\nmicroVM ({driver.accel.name}) start() returned after {boot:.2f}s")
 
 

@@ -195,7 +195,12 @@ async def detach(net: NetConfig, instance_id: str, timeout: float = 10.0) -> Non
 
     Uses ``ip`` in a subprocess: no forking of the (agent) process that calls it."""
     text = await _run_ip(net.netns, "link", "del", host_ifname(instance_id), timeout=timeout)
-    gone = ("Cannot find device", "does not exist", "Cannot open network namespace")
+    gone = (
+        "Cannot find device",
+        "No such device",
+        "does not exist",
+        "Cannot open network namespace",
+    )
     if text is not None and not any(g in text for g in gone):
         raise Transient(f"cannot remove the instance's network interface: {text.strip()}")
 

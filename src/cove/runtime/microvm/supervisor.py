@@ -79,6 +79,7 @@ def config_records(
         ("uid", str(int(ident["uid"]))),
         ("gid", str(int(ident["gid"]))),
         ("hostname", spec.hostname),
+        ("pids_max", str(spec.pids_max)),
     ]
     items += [("group", str(int(g))) for g in ident.get("groups", [])]
     for dev, vol in zip(volume_devices, spec.volumes, strict=True):
@@ -347,7 +348,7 @@ class VMSupervisor:
                 if out.tell() > CONSOLE_MAX:
                     _truncate_to_tail(path, out)
                 for line in splitter.feed(data):
-                    self.console_tail = [*self.console_tail[-40:], line.rstrip("\r")]
+                    self.console_tail = [*self.console_tail[-199:], line.rstrip("\r")]
                 return
             loop.remove_reader(fd)
             out.close()
