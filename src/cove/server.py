@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -15,6 +16,7 @@ import uvicorn
 from cove import security
 from cove.api import create_app
 from cove.control.controllers import foundation_controllers
+from cove.control.lease import Leadership, Replica, lease_for
 from cove.control.manager import Manager
 from cove.net.pools import Pools
 from cove.net.pools import configured as configured_pools
@@ -114,8 +116,15 @@ def serve(
     )
     server = uvicorn.Server(config)
 
+    replica = Replica(url=url)
+    leadership = Leadership(store, lease_for(store, data_dir), replica)
+    app.state.leadership = leadership
+
     async def main() -> None:
-        manager = Manager(store, foundation_controllers(store), notifier)
+        loop = asyncio.get_running_loop()
+        stop_listening = threading.Event()
+        if store.dialect == "postgresql":  # other replicas' writes wake our watchers at once
+            loop.run_in_executor(None, store.listen, notifier.bump, stop_listening)
         async with asyncio.TaskGroup() as tg:
             serving = tg.create_task(server.serve(sockets=socks))
             while not server.started and not serving.done():
@@ -128,8 +137,15 @@ def serve(
                 tmp = url_file.with_suffix(".tmp")
                 tmp.write_text(url + "\n")
                 tmp.replace(url_file)
-            ctl = tg.create_task(manager.run()) if controllers else None
+            ctl = None
+            if controllers:
+                ctl = tg.create_task(
+                    leadership.run(
+                        lambda: Manager(store, foundation_controllers(store), notifier).run()
+                    )
+                )
             await serving
+            stop_listening.set()
             if ctl is not None:
                 ctl.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

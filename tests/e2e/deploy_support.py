@@ -51,7 +51,8 @@ from .helpers import COVE, PASSWORD, Api, Result, cove_env, run_cove, server_log
 T = TypeVar("T")
 
 APP_SCRIPT = r"""#!/bin/sh
-# what the deploy suite runs: behaviour from the environment (MODE, SERVE_FOR, TICK, ...)
+# what the deploy suite runs: behaviour from the environment (MODE, START_DELAY, SERVE_FOR,
+# TICK, ...)
 echo "start instance=$COVE_INSTANCE release=$COVE_RELEASE version=$(cat /app/VERSION)"
 if [ -e /run/cove/secrets.json ]; then
   echo "secrets-stat $(stat -c '%a %U' /run/cove/secrets.json)"
@@ -64,6 +65,7 @@ if [ "$MODE" = crash ]; then
   echo "crashing" >&2
   exit 1
 fi
+[ -n "$START_DELAY" ] && sleep "$START_DELAY"
 mkdir -p /www && echo "ok $(cat /app/VERSION)" > /www/index.html
 if [ -n "$TICK" ]; then
   ( i=0; while :; do i=$((i+1)); echo "tick $i"; sleep 1; done ) &

@@ -106,6 +106,7 @@ EXAMPLES: dict[tuple[str, ...], Ex] = {
     ("auth", "login"): ex("--email", "{email}", "--password", PASSWORD),
     ("auth", "logout"): ex(home="session"),
     ("auth", "whoami"): ex(),
+    ("cluster",): ex(),
     ("tokens", "create"): ex("{new_tok}"),
     ("tokens", "list"): ex(),
     ("tokens", "revoke"): ex("{del_tok}"),

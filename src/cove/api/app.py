@@ -559,6 +559,19 @@ def create_app(
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "version": __version__, "revision": notifier.revision}
 
+    @app.get("/v1/cluster", tags=["meta"])
+    async def cluster(request: Request, who: Who) -> dict[str, Any]:
+        """The control plane: which replica runs the controllers (the lease holder, see
+        cove.control.lease) and what this replica is."""
+        _ = who  # any signed-in principal may look
+        raw = await run_in_threadpool(store.setting, "leader")  # written by the lease holder
+        leader = json.loads(raw) if raw else None
+        lead = getattr(request.app.state, "leadership", None)
+        this: dict[str, Any] = {"store": store.dialect}
+        if lead is not None:
+            this.update(lead.replica.doc(), leading=lead.leading, terms=lead.terms)
+        return {"leader": leader, "this_replica": this}
+
     @app.get("/v1/deferred", tags=["meta"])
     async def list_deferred() -> list[dict[str, Any]]:
         """What v1 deliberately does not do, why, and what to do instead."""

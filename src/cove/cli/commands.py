@@ -742,6 +742,29 @@ def register(app: typer.Typer) -> None:
 
     exec_cmds.register(app)
 
+    @app.command("cluster", help="The control plane: which server replica runs the controllers.")
+    def cluster(fmt: OutputOpt = Format.table, api_url: ApiUrlOpt = None) -> None:
+        client, _ = session(api_url=api_url)
+        doc = client.get("/v1/cluster")
+        if fmt is not Format.table:
+            output.document(doc, fmt)
+            return
+        lead, this = doc.get("leader"), doc["this_replica"]
+        if lead:
+            output.out.print(
+                f"controllers: replica {lead['id']} ({lead.get('url') or '-'}) since "
+                f"{lead.get('since', '-')}",
+                markup=False,
+            )
+        else:
+            output.out.print("controllers: no replica has led yet", markup=False)
+        role = "runs the controllers" if this.get("leading") else "serves the API"
+        output.out.print(
+            f"this replica: {this.get('id', '-')} ({this.get('url') or '-'}), {role}; "
+            f"store {this['store']}",
+            markup=False,
+        )
+
     @app.command("use", help="Set the current org/project (and optionally app and env).")
     def use(
         target: Annotated[str, typer.Argument(help="ORG or ORG/PROJECT")],

@@ -9,7 +9,9 @@ a reader that resumes "after revision N" never misses a write numbered below one
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +28,9 @@ from cove.ids import new_id
 from cove.model import kinds as kinds_mod
 from cove.model.resource import now_iso
 from cove.store import schema as t
+
+log = logging.getLogger("cove.store")
+NOTIFY_CHANNEL = "cove_revision"
 
 _ANCESTOR_COLS = {
     "org": "org_id",
@@ -415,6 +420,12 @@ class Store:
                     with conn.begin():
                         tx = Tx(conn)
                         yield tx
+                        if tx.last_revision and self.dialect == "postgresql":
+                            # other replicas' watchers wake on commit (see listen)
+                            conn.execute(
+                                sa.text("SELECT pg_notify(:ch, :rev)"),
+                                {"ch": NOTIFY_CHANNEL, "rev": str(tx.last_revision)},
+                            )
             except OperationalError as exc:
                 raise errors.Transient(
                     "the database is busy or unreachable", hint="retry in a moment"
@@ -436,6 +447,28 @@ class Store:
             raise errors.Transient(
                 "the database is busy or unreachable", hint="retry in a moment"
             ) from exc
+
+    def listen(self, callback: Callable[[int], None], stop: threading.Event) -> None:
+        """PostgreSQL only, blocking (run it in a thread): call *callback(revision)* for every
+        write committed by any replica, until *stop* is set. Reconnects after an error."""
+        import psycopg
+
+        url = sa.engine.make_url(self.url).set(drivername="postgresql")
+        dsn = url.render_as_string(hide_password=False)
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    delay = 0.5
+                    while not stop.is_set():
+                        for n in conn.notifies(timeout=0.5):
+                            with contextlib.suppress(ValueError):
+                                callback(int(n.payload))
+            except psycopg.Error as exc:
+                log.warning("LISTEN %s failed (%s); retrying in %.1fs", NOTIFY_CHANNEL, exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- reads ---------------------------------------------------------------------------------
 
