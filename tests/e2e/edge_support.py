@@ -191,6 +191,19 @@ def _start(cmd: list[str], home: Path, log: Path, extra: dict[str, str]) -> subp
         )
 
 
+def stop_all(procs: list[subprocess.Popen[bytes] | None]) -> None:
+    """SIGTERM each process group started by ``_start``, SIGKILL after 15 s."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 @pytest.fixture(scope="module")
 def edge_cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -292,15 +305,7 @@ def edge_cluster(
         c.netns, c.agent, c.server = netns, agent, server
         yield c
     finally:
-        for p in (agent, server):
-            if p is not None and p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+        stop_all([agent, server])
         problems = destroy_sandboxes(state_dir) if state_dir.exists() else []
         subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
         from cove.runtime import rootfs

@@ -7,15 +7,14 @@ only through an address in front of them; see docs/architecture.md).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from .deploy_support import (  # noqa: F401  (fixtures)
     reserve_addresses,
     wait_for,
 )
-from .edge_support import _start
+from .edge_support import _start, stop_all
 from .helpers import COVE, PASSWORD, Api, run_cove, uniq
 
 
@@ -68,8 +67,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         pytest.skip("the sandbox driver needs root")
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     db = f"e2e_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{db}"')
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{db}"')
     db_url = admin.url.set(database=db).render_as_string(hide_password=False)
     home = tmp_path_factory.mktemp("cove-replicas")
     scratch = tmp_path_factory.mktemp("cove-replicas-apps")
@@ -91,7 +90,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                 env,
             )
             urls[name] = wait_for(
-                lambda f=url_file: _url_of(f), timeout=30, what=f"replica {name} to listen"
+                partial(_url_of, url_file), timeout=30, what=f"replica {name} to listen"
             )
             if name == "a":
                 wait_for(
@@ -134,20 +133,12 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         c.servers, c.urls = procs, urls
         yield c
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+        stop_all(list(procs.values()))
         problems = destroy_sandboxes(state_dir) if state_dir.exists() else []
         subprocess.run(["ip", "link", "del", f"cvr{tag}"], capture_output=True, timeout=10)
         shutil.rmtree(state_dir, ignore_errors=True)
-        with admin.connect() as c:
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         admin.dispose()
         assert not problems, problems
 
