@@ -158,7 +158,8 @@ EXAMPLES: dict[tuple[str, ...], Ex] = {
     ("nodes", "describe"): ex("{node}"),
     ("nodes", "events"): ex("{node}"),
     ("nodes", "cordon"): ex("{node}", serial=1),
-    ("nodes", "uncordon"): ex("{node}", serial=2),
+    ("nodes", "drain"): ex("{node}", serial=2),  # one node: nothing can move, nothing stops
+    ("nodes", "uncordon"): ex("{node}", serial=3),
     ("operations", "list"): ex(),
     ("operations", "describe"): ex("{op}"),
     ("operations", "events"): ex("{op}"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -31,6 +32,7 @@ from cove.cli.common import (
 from cove.cli.output import Format, OutputOpt
 from cove.ids import looks_like_id
 from cove.model.kinds import KINDS, Kind, kind_by_name, kind_by_prefix
+from cove.model.resource import get_condition
 
 # how deep the saved context goes for each kind's lookups (flags always pass through)
 _DEPTH = {
@@ -688,7 +690,9 @@ def _node_verbs(g: typer.Typer) -> None:
         def make(verb: str = verb, value: bool = value) -> None:
             @g.command(
                 verb,
-                help=f"{verb.capitalize()} a node ({'no' if value else 'allow'} new placements).",
+                help=f"{verb.capitalize()} a node ({'no' if value else 'allow'} new placements"
+                + ("" if value else "; ends a drain")
+                + ").",
             )
             def cmd(
                 ref: Annotated[str, typer.Argument(help="node name or ID")],
@@ -698,10 +702,59 @@ def _node_verbs(g: typer.Typer) -> None:
                 api_url: ApiUrlOpt = None,
             ) -> None:
                 client, _ = session(api_url=api_url)
-                rec = client.patch(f"/v1/nodes/{ref}", {"spec": {"cordoned": value}})
+                spec: dict[str, Any] = {"cordoned": value}
+                if not value:
+                    spec["draining"] = False
+                rec = client.patch(f"/v1/nodes/{ref}", {"spec": spec})
                 _finish(client, rec, fmt, wait, timeout)
 
         make()
+
+    @g.command(
+        "drain",
+        help="Cordon a node and move its instances to other nodes: each gets a replacement "
+        "first, and stops once the replacement is Ready. Instances bound to a volume on the "
+        "node cannot move; they are listed. `uncordon` ends the drain.",
+    )
+    def drain(
+        ref: Annotated[str, typer.Argument(help="node name or ID")],
+        wait: WaitOpt = False,
+        timeout: TimeoutOpt = "300s",
+        fmt: OutputOpt = Format.table,
+        api_url: ApiUrlOpt = None,
+    ) -> None:
+        client, _ = session(api_url=api_url)
+        rec = client.patch(f"/v1/nodes/{ref}", {"spec": {"cordoned": True, "draining": True}})
+        if not wait:
+            output.receipt(rec, fmt)
+            return
+        if fmt is Format.table:
+            output.receipt(rec, fmt)
+            output.notice(f"waiting up to {timeout} for node {ref} to be empty ...")
+        deadline = time.monotonic() + parse_duration(timeout)
+        while True:
+            node = client.get(f"/v1/nodes/{ref}")
+            cond = get_condition(node["status"], "Drained")
+            if cond is not None and cond["status"] == "true":
+                break
+            if cond is not None and cond["reason"] == "VolumeBound":
+                raise errors.Conflict(
+                    f"node {node['name']} cannot be emptied: {cond['message']}",
+                    hint="destroy or move those volumes' workloads, or bring them back with "
+                    f"`cove nodes uncordon {node['name']}`",
+                    code="drain_blocked",
+                )
+            if time.monotonic() > deadline:
+                left = (node["status"].get("drain") or {}).get("left", "?")
+                raise errors.WaitTimeout(
+                    f"node {node['name']} still has {left} instance(s) after {timeout}",
+                    hint=f"`cove nodes events {node['name']}` and `cove events` show why",
+                )
+            time.sleep(0.5)
+        if fmt is Format.table:
+            output.out.print(f"node {node['name']} is drained", markup=False)
+        else:
+            output.document(node, fmt)
 
 
 # --------------------------------------------------------------------------- top-level verbs

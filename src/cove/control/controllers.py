@@ -6,7 +6,8 @@
 - ``GarbageCollector``: resources marked deleting: delete children first, then the row.
 - ``OperationController``: settle receipts: succeeded when the target caught up and is
   Ready (or is gone, for deletes), failed when it failed for good or ran out of time.
-- ``NodeController``: a node whose heartbeats stop is marked NotReady.
+- ``NodeController``: a node whose heartbeats stop is marked NotReady; a drained or lost node's
+  movable instances are replaced elsewhere.
 - Endpoints have their own controller: ``cove.control.endpoints``.
 """
 
@@ -254,7 +255,38 @@ class OperationController:
         return None if state in ("succeeded", "failed") else 0.5
 
 
+NODE_GRACE = 15.0  # seconds without a heartbeat before a node is NotReady (NodeLost)
+EVICT_AFTER = 30.0  # then this long before its movable instances are replaced elsewhere
+
+
+def instances_on(tx: Tx, node_id: str) -> list[dict[str, Any]]:
+    """The instances placed on a node that are still wanted there."""
+    import sqlalchemy as sa
+
+    from cove.store import schema as t
+    from cove.store.db import resource_from_row
+
+    rows = tx.conn.execute(
+        sa.select(t.resources).where(t.resources.c.kind == "instance")
+    ).mappings()
+    out = []
+    for r in rows:
+        ins = resource_from_row(r)
+        spec = ins["spec"]
+        wanted = spec.get("desired", "running") == "running" and not ins["metadata"]["deleting"]
+        if spec.get("node") == node_id and wanted:
+            out.append(ins)
+    return out
+
+
 class NodeController:
+    """Ready from the heartbeats; Schedulable from cordon and the runtime driver; and moving
+    instances off a node that is drained (``spec.draining``) or lost for ``evict_after``
+    seconds: a movable instance is marked ``spec.evict`` (the rollout controller starts a
+    replacement elsewhere and stops this one once the replacement is Ready); an instance
+    bound to a volume on this node cannot move and waits for the node (its ``Evicted``
+    condition says why)."""
+
     name = "nodes"
     kinds = ("node",)
 
@@ -262,11 +294,13 @@ class NodeController:
         self,
         store: Store,
         *,
-        grace: float = 15.0,
+        grace: float = NODE_GRACE,
+        evict_after: float = EVICT_AFTER,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.grace = grace
+        self.evict_after = evict_after
         self.clock = clock
 
     def reconcile(self, key: str) -> float | None:
@@ -299,11 +333,72 @@ class NodeController:
                 )
             else:
                 set_condition(status, "Schedulable", "true", "Ready", "accepts instances")
+            draining = bool(node["spec"].get("draining"))
+            lost = age is not None and age > self.grace + self.evict_after
+            if draining or lost:
+                why = (
+                    f"node {node['name']} is being drained"
+                    if draining
+                    else f"node {node['name']} has not reported for {int(age or 0)}s"
+                )
+                left, blocked = self._evict(tx, node, why)
+            else:
+                left, blocked = len(instances_on(tx, key)), []
+            if draining:
+                status["drain"] = {"left": left, "blocked": blocked}
+                if left == 0:
+                    set_condition(status, "Drained", "true", "Empty", "no instances left")
+                elif blocked and left == len(blocked):
+                    set_condition(
+                        status,
+                        "Drained",
+                        "false",
+                        "VolumeBound",
+                        f"{', '.join(blocked)} cannot move: their volume data lives here",
+                    )
+                else:
+                    set_condition(
+                        status, "Drained", "false", "Moving", f"{left} instance(s) still here"
+                    )
+            else:
+                status.pop("drain", None)
+                status["conditions"] = [
+                    c for c in status.get("conditions", []) if c["type"] != "Drained"
+                ]
             status["observed_generation"] = node["metadata"]["generation"]
             if status != node["status"]:
                 new = tx.update(key, status=status)
                 _ready_event(tx, new, before)
+                d0, d1 = get_condition(node["status"], "Drained"), get_condition(status, "Drained")
+                if d1 and d1["status"] == "true" and (d0 is None or d0["status"] != "true"):
+                    tx.event(new, "Normal", "Drained", f"node {node['name']} has no instances left")
         return 5.0
+
+    def _evict(self, tx: Tx, node: dict[str, Any], why: str) -> tuple[int, list[str]]:
+        """Mark the node's movable instances for replacement; returns (instances still on
+        the node, names of those that cannot move)."""
+        here = instances_on(tx, node["id"])
+        blocked: list[str] = []
+        for ins in here:
+            if ins["spec"].get("mounts"):
+                blocked.append(str(ins["name"]))
+                st = dict(ins["status"])
+                msg = (
+                    f"{why}; this instance's volume data lives on that node, so it waits for "
+                    "the node to come back"
+                )
+                if set_condition(st, "Evicted", "false", "VolumeBound", msg):
+                    new = tx.update(ins["id"], status=st)
+                    tx.event(new, "Warning", "WaitingForNode", msg)
+            elif not ins["spec"].get("evict"):
+                new = tx.update(ins["id"], spec=dict(ins["spec"], evict=why))
+                tx.event(
+                    new,
+                    "Normal",
+                    "Evicting",
+                    f"{why}: a replacement starts on another node, then this instance stops",
+                )
+        return len(here), blocked
 
 
 def foundation_controllers(store: Store) -> list[Any]:

@@ -196,10 +196,21 @@ def in_rotation(ins: dict[str, Any]) -> bool:
     )
 
 
-def backends(instances: list[dict[str, Any]], workloads: set[str]) -> list[dict[str, Any]]:
+def down_nodes(conn: Any) -> set[str]:
+    """Nodes that are not Ready: what their instances last reported can no longer be
+    trusted (a lost node's instances leave rotation at once)."""
+    rows = conn.execute(sa.select(t.resources).where(t.resources.c.kind == "node")).mappings()
+    return {str(r["id"]) for r in rows if not _node_ready(resource_from_row(r))}
+
+
+def backends(
+    instances: list[dict[str, Any]], workloads: set[str], down: set[str] | None = None
+) -> list[dict[str, Any]]:
     out = []
     for ins in sorted(instances, key=lambda i: str(i["name"])):
         wl = (ins.get("parent") or {}).get("name")
+        if down and ins["spec"].get("node") in down:
+            continue
         if wl in workloads and in_rotation(ins):
             addrs = ins["status"].get("addresses") or {}
             out.append(
@@ -226,6 +237,7 @@ def edge_config(store: Store, node_id: str) -> dict[str, Any]:
         ).mappings()
         eps = [(r, resource_from_row(r)) for r in rows]
         out = []
+        down = down_nodes(conn)
         for row, ep in eps:
             if (ep["status"].get("edge_node") or {}).get("id") != node_id:
                 continue
@@ -241,7 +253,7 @@ def edge_config(store: Store, node_id: str) -> dict[str, Any]:
                         "target_port": p["target_port"],
                         "backends": [
                             {"instance": b["instance"], "host": b["ipv4"], "port": p["target_port"]}
-                            for b in backends(instances, {p["workload"]})
+                            for b in backends(instances, {p["workload"]}, down)
                         ],
                     }
                 )
@@ -329,7 +341,7 @@ class EndpointController:
         node = self._edge_node(tx, status.get("edge_node"), ep)
         status["edge_node"] = {"id": node["id"], "name": node["name"]} if node else None
         wls = {p["workload"] for p in spec["ports"]}
-        bs = backends(_env_instances(tx.conn, env_id), wls)
+        bs = backends(_env_instances(tx.conn, env_id), wls, down_nodes(tx.conn))
         status["backends"] = bs
         report = ((node or {}).get("status", {}).get("edge") or {}).get(key) or {}
         status["edge"] = {

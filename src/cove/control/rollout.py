@@ -126,8 +126,12 @@ class RolloutController:
                 wl = found
             instances = tx.children(wl["id"], kinds=("instance",))
             active = [i for i in instances if i["spec"].get("desired") == "running"]
-            new = [i for i in active if i["spec"]["release"] == rel_id]
-            old = [i for i in active if i["spec"]["release"] != rel_id]
+            # an instance evicted from its node (drained, lost) is replaced like an old one:
+            # a new instance first, then it stops once the new one is Ready
+            new = [
+                i for i in active if i["spec"]["release"] == rel_id and not i["spec"].get("evict")
+            ]
+            old = [i for i in active if i["spec"]["release"] != rel_id or i["spec"].get("evict")]
             ready_new = [i for i in new if _ready(i)]
             if not halted:
                 lingering = [i for i in instances if i["spec"].get("desired") != "running"]
@@ -142,7 +146,8 @@ class RolloutController:
                     # stop one old instance for each new one that is Ready
                     surplus = len(old) - max(0, count - len(ready_new))
                     for ins in sorted(old, key=lambda i: i["id"])[: max(0, surplus)]:
-                        _stop(tx, ins, f"replaced by {rel['name']}")
+                        why = ins["spec"].get("evict")
+                        _stop(tx, ins, f"replaced ({why})" if why else f"replaced by {rel['name']}")
                     extra = len(new) - count
                     if extra > 0:  # scale down: not-ready first, then newest
                         newest_first = sorted(new, key=lambda i: i["id"], reverse=True)
@@ -353,8 +358,10 @@ class Scheduler:
             if not _ready(n):
                 reasons.append(f"{label} is not Ready")
                 continue
-            if n["spec"].get("cordoned"):
-                reasons.append(f"{label} is cordoned")
+            if n["spec"].get("cordoned") or n["spec"].get("draining"):
+                reasons.append(
+                    f"{label} is {'drained' if n['spec'].get('draining') else 'cordoned'}"
+                )
                 continue
             sched = get_condition(n["status"], "Schedulable")
             if sched is None or sched["status"] != "true":

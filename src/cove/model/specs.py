@@ -85,6 +85,7 @@ class VolumeSpec(_Spec):
 
 class NodeSpec(_Spec):
     cordoned: bool = False
+    draining: bool = False  # move its instances elsewhere (`cove nodes drain`)
     region: str = Field(default="local", max_length=40)
 
 
