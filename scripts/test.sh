@@ -47,9 +47,10 @@ COVE_TEST_PG_URL="$(scripts/pg.sh url "$PG_DIR")"
 export COVE_TEST_PG_URL
 log "COVE_TEST_PG_URL=$COVE_TEST_PG_URL"
 
-log "pytest: .venv/bin/pytest -q -p no:cacheprovider tests $*"
+log "pytest: .venv/bin/pytest -q -p no:cacheprovider --durations=25 tests $*"
 set +e
-.venv/bin/pytest -q -p no:cacheprovider tests "$@" </dev/null
+# --durations: the slowest tests in every run's log (the suite must stay well under 20 min)
+.venv/bin/pytest -q -p no:cacheprovider --durations=25 tests "$@" </dev/null
 rc=$?
 set -e
 

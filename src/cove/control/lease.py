@@ -8,9 +8,9 @@
   kernel when the process dies.
 
 The leader checks its lease every ``check_every`` seconds and stops its controllers when the
-check fails; a new leader waits twice that long after taking the lease before it starts its
-own, so a leader that lost its lease (rather than died) has stopped first. Who leads is
-recorded in the store (setting ``leader``) and served at ``GET /v1/cluster``.
+check fails; on PostgreSQL a new leader waits twice that long after taking the lease before
+it starts its own, so a leader that lost its lease (rather than died) has stopped first.
+Who leads is recorded in the store (setting ``leader``) and served at ``GET /v1/cluster``.
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ class Leadership:
         self.retry = retry
         self.check_every = check_every
         # a new leader waits this long before starting: a previous leader that lost the lease
-        # (rather than died) notices at its next check and stops first - never two at once
-        self.takeover_delay = check_every * 2
+        # (rather than died) notices at its next check and stops first - never two at once.
+        # An flock is only ever lost with its process: no wait there.
+        self.takeover_delay = 0.0 if isinstance(lease, FileLease) else check_every * 2
         self.leading = False
         self.since: float | None = None
         self.terms = 0

@@ -102,17 +102,8 @@ class SandboxDriver(SupervisedDriver):
         return {**super()._driver_settings(), "bwrap": self.bwrap}
 
     # -- prepare ----------------------------------------------------------------------
-    async def _prepare(self, p: InstancePaths, spec: InstanceSpec) -> None:
-        """Mount the rootfs, create mount points, resolve the user, set up cgroups.
-        Idempotent; also what makes an instance startable again after a node reboot."""
-        try:
-            await asyncio.to_thread(self._prepare_sync, p, spec)
-        except (UserError, Permanent, Transient):
-            raise
-        except OSError as exc:
-            raise Transient(f"cannot prepare instance {spec.instance_id}: {exc}") from exc
-
     def _prepare_sync(self, p: InstancePaths, spec: InstanceSpec) -> None:
+        """Mount the rootfs, create mount points, resolve the user, set up cgroups."""
         prev: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             prev = read_json(p.ident)

@@ -140,7 +140,16 @@ class SupervisedDriver:
         return {"cgroup_root": self.cgroup_root, "max_log_bytes": self.max_log_bytes}
 
     async def _prepare(self, p: InstancePaths, spec: InstanceSpec) -> None:
-        """Make the instance startable (idempotent; also after a node reboot)."""
+        """Make the instance startable (idempotent; also what makes it startable again after
+        a node reboot): ``_prepare_sync`` in a thread, OS errors as Transient."""
+        try:
+            await asyncio.to_thread(self._prepare_sync, p, spec)
+        except (UserError, Permanent, Transient):
+            raise
+        except OSError as exc:
+            raise Transient(f"cannot prepare instance {spec.instance_id}: {exc}") from exc
+
+    def _prepare_sync(self, p: InstancePaths, spec: InstanceSpec) -> None:
         raise NotImplementedError
 
     async def _teardown(

@@ -129,15 +129,8 @@ class MicroVMDriver(SupervisedDriver):
         return {**super()._driver_settings(), "hang_timeout": self.hang_timeout}
 
     # -- prepare ---------------------------------------------------------------------
-    async def _prepare(self, p: InstancePaths, spec: InstanceSpec) -> None:
-        try:
-            await asyncio.to_thread(self._prepare_sync, p, spec)
-        except (UserError, Permanent, Transient):
-            raise
-        except OSError as exc:
-            raise Transient(f"cannot prepare instance {spec.instance_id}: {exc}") from exc
-
     def _prepare_sync(self, p: InstancePaths, spec: InstanceSpec) -> None:
+        """The boot files, the root disk overlay, the user, the QEMU command line."""
         image, initrd = self._kernel_image(), self._initramfs()
         base = base_disk(spec.layers, self.cache_dir)
         disk = p.dir / "root.qcow2"
@@ -161,9 +154,8 @@ class MicroVMDriver(SupervisedDriver):
             p.dir / "vm.json",
             {"accel": self.accel.name, "argv": self._qemu_argv(spec, image, initrd, disk)},
         )
-        self._cgroups(spec.instance_id).create(
-            memory_mb=spec.memory_mb, cpu_millis=spec.cpu_millis, pids_max=spec.pids_max
-        )
+        # (the cgroups are the supervisor's to make: QEMU's limits are the guest's plus
+        # QEMU's own overhead; the guest enforces pids_max itself)
 
     def _qemu_argv(self, spec: InstanceSpec, image: Path, initrd: Path, disk: Path) -> list[str]:
         kvm = self.accel.name == "kvm"
