@@ -125,31 +125,33 @@ def serve(
         stop_listening = threading.Event()
         if store.dialect == "postgresql":  # other replicas' writes wake our watchers at once
             loop.run_in_executor(None, store.listen, notifier.bump, stop_listening)
-        async with asyncio.TaskGroup() as tg:
-            serving = tg.create_task(server.serve(sockets=socks))
-            while not server.started and not serving.done():
-                await asyncio.sleep(0.02)
-            log.info("cove API listening on %s (store: %s)", url, store.dialect)
-            if unix_socket is not None:
-                log.info("cove API also on unix:%s", unix_socket)
-            log.info("public pools: IPv6 %s, IPv4 %s", pools.ipv6, pools.ipv4)
-            if url_file is not None:
-                tmp = url_file.with_suffix(".tmp")
-                tmp.write_text(url + "\n")
-                tmp.replace(url_file)
-            ctl = None
-            if controllers:
-                ctl = tg.create_task(
-                    leadership.run(
-                        lambda: Manager(store, foundation_controllers(store), notifier).run()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                serving = tg.create_task(server.serve(sockets=socks))
+                while not server.started and not serving.done():
+                    await asyncio.sleep(0.02)
+                log.info("cove API listening on %s (store: %s)", url, store.dialect)
+                if unix_socket is not None:
+                    log.info("cove API also on unix:%s", unix_socket)
+                log.info("public pools: IPv6 %s, IPv4 %s", pools.ipv6, pools.ipv4)
+                if url_file is not None:
+                    tmp = url_file.with_suffix(".tmp")
+                    tmp.write_text(url + "\n")
+                    tmp.replace(url_file)
+                ctl = None
+                if controllers:
+                    ctl = tg.create_task(
+                        leadership.run(
+                            lambda: Manager(store, foundation_controllers(store), notifier).run()
+                        )
                     )
-                )
-            await serving
-            stop_listening.set()
-            if ctl is not None:
-                ctl.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ctl
+                await serving
+                if ctl is not None:
+                    ctl.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ctl
+        finally:
+            stop_listening.set()  # the listener thread ends within 0.5 s
 
     try:
         asyncio.run(main())
