@@ -125,3 +125,28 @@ async def test_instance_network_reachability_and_isolation(
             await driver.destroy(spec.instance_id)
         assert not host_ends & set(netns_links(ns))
         assert {"cvt0", "cvt1", "lo"} == set(netns_links(ns))
+
+
+@arun
+async def test_a_leftover_bridge_with_other_addresses_gets_our_gateway(
+    driver: SandboxDriver, layers: list[Path]
+) -> None:
+    """A bridge of the same name left by an earlier install (other subnet): the instance is
+    still reached through the bridge, never through the host's default route."""
+    import subprocess
+
+    with own_netns() as ns:
+        subprocess.run(["ip", "-n", ns, "link", "add", "cvt5", "type", "bridge"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.213.4.1/24", "dev", "cvt5"], check=True)
+        web = make_spec(
+            layers,
+            argv=["sh", "-c", "echo ready; exec httpd -f -p 8080 -h /www"],
+            network=net(ns, "cvt5", 5, 2),
+        )
+        await driver.create(web)
+        await driver.start(web.instance_id)
+        await wait_for_line(driver, web.instance_id, "ready")
+        res = await asyncio.to_thread(
+            in_netns, ns, FETCH.format(url="http://10.213.5.2:8080/index.html")
+        )
+        assert res.returncode == 0 and res.stdout == "hello from the sandbox\n", res

@@ -93,22 +93,24 @@ async def _ensure_bridge(ipr: Any, net: NetConfig) -> int:
     if not found:
         await _ignore_exists(ipr.link("add", ifname=net.bridge, kind="bridge"))
         found = await ipr.link_lookup(ifname=net.bridge)
-        idx = found[0]
-        v4 = ipaddress.IPv4Interface(net.ipv4)
-        v6 = ipaddress.IPv6Interface(net.ipv6)
-        await _ignore_exists(
-            ipr.addr("add", index=idx, address=net.gateway4, prefixlen=v4.network.prefixlen)
-        )
-        await _ignore_exists(
-            ipr.addr(
-                "add",
-                index=idx,
-                address=net.gateway6,
-                prefixlen=v6.network.prefixlen,
-                flags=IFA_F_NODAD,
-            )
-        )
     idx = int(found[0])
+    # the gateways, also on a bridge that already existed (left by an earlier install with
+    # this name and other addresses: without ours, traffic to the instances would take the
+    # host's default route instead)
+    v4 = ipaddress.IPv4Interface(net.ipv4)
+    v6 = ipaddress.IPv6Interface(net.ipv6)
+    await _ignore_exists(
+        ipr.addr("add", index=idx, address=net.gateway4, prefixlen=v4.network.prefixlen)
+    )
+    await _ignore_exists(
+        ipr.addr(
+            "add",
+            index=idx,
+            address=net.gateway6,
+            prefixlen=v6.network.prefixlen,
+            flags=IFA_F_NODAD,
+        )
+    )
     await ipr.link("set", index=idx, state="up")
     return idx
 
