@@ -203,6 +203,11 @@ def main() -> None:
         cove("exec", "--workload", "web", "--", "wget", "-qO-", "http://127.0.0.1:8080/")
         cove("releases", "list")
 
+    say("Pay for what you use: per second while running, from the operator's price list")
+    cove("usage", "--by", "resource")
+    cove("billing", "invoice")
+    cove("projects", "quotas")
+
     say("Everything is inspectable: one JSON document on stdout for scripts")
     print("$ cove status -o json | ...")
     doc = json.loads(
@@ -229,7 +234,7 @@ def main() -> None:
         "app.example.com",
         check=False,
     )
-    say("Coming next: several nodes, metering and the terminal console.")
+    say("Coming next: several nodes and the terminal console.")
     print(
         f"\ncove is still running (the demo registry has stopped; images stay cached on the "
         f"node). Try it yourself:\n  export COVE_HOME={HOME}\n"

@@ -6,6 +6,8 @@
 #     the install (tests start their own throwaway server, see scripts/pg.sh)
 #   - creates .venv and installs the project editable with its [dev] extras
 #     (skipped when .venv/.cove-installed is newer than pyproject.toml)
+#   - installs the web console's npm package (ghostty-web) with `npm ci`
+#     (skipped when node_modules/.cove-npm-installed is newer than package-lock.json)
 #
 # Safe to run repeatedly, from any directory, with CI=true and no stdin.
 set -euo pipefail
@@ -42,6 +44,8 @@ APT_PACKAGES=(
   gcc
   make
   libc6-dev
+  # the web console's browser tests (Playwright drives this Chromium; no browser download)
+  chromium
 )
 
 cd "$(dirname "$0")/.."
@@ -177,6 +181,21 @@ else
   log "installing cove editable with [dev] extras into $VENV"
   "$VENV/bin/pip" install -q -e '.[dev]' </dev/null
   touch "$STAMP"
+fi
+
+# --- the web console's browser-side package (npm) ---------------------------------
+# ghostty-web (pinned in package.json, locked in package-lock.json) is served by the cove
+# server from node_modules/. `npm ci` runs again only when the lock is newer than the stamp.
+NPM_STAMP="$REPO_ROOT/node_modules/.cove-npm-installed"
+if ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+if [[ -f "$NPM_STAMP" && "$NPM_STAMP" -nt package-lock.json ]]; then
+  log "npm packages up to date ($NPM_STAMP newer than package-lock.json)"
+else
+  log "installing the console's npm packages: npm ci"
+  npm ci --ignore-scripts --no-audit --no-fund </dev/null
+  touch "$NPM_STAMP"
 fi
 
 log "setup complete"

@@ -18,6 +18,8 @@ from cove.api import create_app
 from cove.control.controllers import foundation_controllers
 from cove.control.lease import Leadership, Replica, lease_for
 from cove.control.manager import Manager
+from cove.model import pricing
+from cove.model.pricing import PriceList
 from cove.net.pools import Pools
 from cove.net.pools import configured as configured_pools
 from cove.store import Store
@@ -89,6 +91,7 @@ def serve(
     access_log: bool = False,
     pools: Pools | None = None,
     unix_socket: Path | None = None,
+    prices: PriceList | None = None,
 ) -> None:
     """Serve the API on ``host:port`` (and on ``unix_socket`` when given: agents in other
     network namespaces reach the server through the file system) and run the controllers."""
@@ -98,7 +101,6 @@ def serve(
     ensure_join_token(store, data_dir)
     notifier = RevisionNotifier()
     pools = pools or configured_pools(data_dir)
-    app = create_app(store, notifier, MasterKey.load(data_dir), pools)
     sock = bind(host, port)
     socks = [sock]
     if unix_socket is not None:
@@ -106,6 +108,16 @@ def serve(
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{actual}"
+    # the web console's shells reach this API at its own URL (a wildcard host by loopback)
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, shown)
+    app = create_app(
+        store,
+        notifier,
+        MasterKey.load(data_dir),
+        pools,
+        api_url=f"http://{local}:{actual}",
+        prices=prices or pricing.configured(data_dir),
+    )
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -131,6 +131,20 @@ BAD: dict[str, Case] = {
     "bad-label-filter": case(1, "label", "apps", "list", "--label", "nokey"),
     "bad-since": case(1, "since", "events", "--since", "-1"),
     "use-missing-org": case(4, "no org named", "use", "no-such-org/x"),
+    # billing and quotas
+    "usage-bad-from": case(1, ("from='last week'", "YYYY-MM-DD"), "usage", "--from", "last week"),
+    "usage-empty-window": case(
+        1, "the window is empty", "usage", "--from", "2026-11-02", "--to", "2026-11-01"
+    ),
+    "usage-bad-by": case(2, "--by app or --by resource", "usage", "--by", "node"),
+    "invoice-bad-month": case(2, ("not a month", "YYYY-MM"), "billing", "invoice", "--month", "13"),
+    "invoice-month-to-come": case(1, "has not begun", "billing", "invoice", "--month", "9998-12"),
+    "invoice-year-zero": case(
+        1, "no usage is recorded then", "billing", "invoice", "--month", "0000-01"
+    ),
+    "quotas-unknown": case(2, "no quota named 'gpus'", "projects", "quotas", "--set", "gpus=1"),
+    "quotas-negative": case(2, "DIMENSION=NUMBER", "projects", "quotas", "--set", "vcpu=-1"),
+    "quotas-no-project": case(4, "no project", "projects", "quotas", "no-such-project"),
 }
 
 

@@ -107,6 +107,7 @@ EXAMPLES: dict[tuple[str, ...], Ex] = {
     ("auth", "logout"): ex(home="session"),
     ("auth", "whoami"): ex(),
     ("cluster",): ex(),
+    ("console",): ex("--no-open"),
     ("tokens", "create"): ex("{new_tok}"),
     ("tokens", "list"): ex(),
     ("tokens", "revoke"): ex("{del_tok}"),
@@ -171,6 +172,10 @@ EXAMPLES: dict[tuple[str, ...], Ex] = {
     ("logs",): ex(*ENV),
     ("registry", "login"): ex("{registry}", "-u", "ci", "--password", "pw"),
     ("registry", "list"): ex(),
+    ("pricing",): ex(home="empty"),  # the price list needs no sign-in
+    ("usage",): ex("--by", "resource"),
+    ("billing", "invoice"): ex(),
+    ("projects", "quotas"): ex("{project}"),
 }
 
 CASES = [(p, f) for p in COMMANDS if p in EXAMPLES for f in FORMATS]

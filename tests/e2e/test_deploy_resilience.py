@@ -5,9 +5,13 @@ rollout (it converges after `cove up` again: no instance lost or duplicated). On
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import signal
+import sqlite3
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -162,3 +166,53 @@ def test_server_killed_mid_rollout_converges(
     nodes = api.call("GET", "/v1/nodes")["items"]
     api.close()
     assert len(nodes) == 1 and is_ready(nodes[0]), "the agent came back as the same node"
+
+
+def _spans(cluster: Cluster) -> list[dict[str, Any]]:  # noqa: F811
+    """The metered spans, read from the server's SQLite file (read-only)."""
+    db = cluster.home / "data" / "cove.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT subject_id, subject_name, started_ms, ended_ms, open FROM meter_intervals "
+            "WHERE meter = 'instance' ORDER BY started_ms"
+        ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def test_usage_is_neither_lost_nor_repeated_by_the_crashes(
+    cluster: Cluster,  # noqa: F811
+    web: Deployment,
+) -> None:
+    """After an agent SIGKILL (instances adopted) and a server SIGKILL mid-rollout: each
+    instance's billed time is one span per run, none overlapping, the v1 instance that
+    ran throughout billed from its start to its stop in one piece, and the invoice's lines
+    add up."""
+    spans = _spans(cluster)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for s in spans:
+        by.setdefault(s["subject_id"], []).append(s)
+    for sid, runs in by.items():
+        assert sum(1 for r in runs if r["open"] == 1) <= 1, runs
+        for a, b in itertools.pairwise(runs):
+            assert a["ended_ms"] is not None and a["ended_ms"] <= b["started_ms"], (sid, runs)
+    final = {i["id"]: i for i in web.instances()}
+    for iid, ins in final.items():
+        [run] = by[iid]  # v2 ran through the server's crash: one open span
+        assert run["open"] == 1, run
+        started = ts(ins["status"]["started_at"]) * 1000
+        assert abs(run["started_ms"] - started) < 3000, (run, ins["status"])
+    # the v1 instance that was never killed: one span from its start to its rollout stop,
+    # across the agent's SIGKILL and the server's
+    v1 = {sid: runs for sid, runs in by.items() if sid not in final}
+    single = [runs[0] for runs in v1.values() if len(runs) == 1]
+    assert single, v1
+    assert all(r["open"] is None and r["ended_ms"] > r["started_ms"] for r in single), single
+
+    inv = web.json("billing", "invoice")
+    total = sum(Decimal(ln["amount"]) for ln in inv["lines"])
+    assert Decimal(inv["total"]) == total, inv
+    billed_ms = sum((r["ended_ms"] or int(time.time() * 1000)) - r["started_ms"] for r in spans)
+    seconds = sum(Decimal(ln["quantity"]) for ln in inv["lines"] if ln["unit"] == "second")
+    # the invoice counts this cluster's other apps too (same org): at least these spans
+    assert seconds * 1000 >= billed_ms - 5000, (seconds, billed_ms)

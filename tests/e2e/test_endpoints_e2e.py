@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -100,6 +101,15 @@ def test_ipv6_and_the_ipv4_add_on_reach_every_instance(
         timeout=30,
     )
     assert ep["status"]["traffic"]["bytes_out"] > 0
+    # ... and are metered as egress of this endpoint, billed with its dedicated IPv4
+    usage = d.json("usage", "--project", c.project, "--app", d.app, "--by", "resource")
+    [egress] = [i for i in usage["items"] if i["item"] == "egress"]
+    assert egress["resource"] == ep["id"], usage
+    metered = Decimal(egress["quantity"]) * 1_000_000_000
+    assert metered >= ep["status"]["traffic"]["bytes_out"], (usage, ep["status"]["traffic"])
+    assert [i for i in usage["items"] if i["item"] == "dedicated IPv4"], usage
+    cost = d.json("endpoints", "describe", "web")["status"]["cost"]
+    assert cost["per_month"] == "2.000000" and "egress" in cost["basis"], cost
 
 
 def test_proxy_protocol_v2_carries_the_exact_client_address(

@@ -51,9 +51,15 @@ PUBLIC = {
     "/redoc": "API docs page",
     "/healthz": "liveness probe",
     "/v1/deferred": "the list of what v1 does not do",
+    "/v1/pricing": "the price list (what anyone would pay)",
     "/v1/auth/signup": "how an account starts",
     "/v1/auth/login": "how a session starts",
     "/v1/nodes/register": "agents authenticate with the join token in the body",
+    # the web console: sign-in happens in its terminal, through /v1/auth/login; its
+    # WebSocket (/console/ws, not an HTTP route) is refused without a valid token, see
+    # tests/integration/test_console_pty.py and tests/e2e/test_console.py
+    "/console": "the web console's page",
+    "/console/assets/{name}": "the web console's static files",
 }
 DEFERRED_ROUTES = {r for d in deferred.REGISTRY for r in d.api_routes}
 # Shared infrastructure, not any org's: every signed-in user sees nodes (only the
@@ -384,6 +390,28 @@ def _builders(method: str, path: str, b_org: str) -> list[tuple[str, Builder]]:
             "logs": {"lines": []},
         }.get(sub)
         return [("id", lambda s: Req(method, f"/v1/instances/{s.id('instance')}/{sub}", body=body))]
+    if path == "/v1/usage":
+        return [
+            ("org", lambda s: Req(method, path, {"org": s.name("org")})),
+            ("org-id", lambda s: Req(method, path, {"org": s.id("org")})),
+            ("app", lambda s: Req(method, path, s.scope("environment"))),
+            ("app-id", lambda s: Req(method, path, {"app": s.id("app")})),
+        ]
+    if path == "/v1/invoices/{month}":
+        return [
+            ("org", lambda s: Req(method, "/v1/invoices/current", {"org": s.name("org")})),
+            ("org-id", lambda s: Req(method, "/v1/invoices/current", {"org": s.id("org")})),
+        ]
+    if path == "/v1/projects/{ref}/quotas":
+        quota = {"instances": 3} if method == "PUT" else None
+
+        def quotas_of(s: Side, ref: str) -> Req:
+            return Req(method, f"/v1/projects/{ref}/quotas", {"org": s.name("org")}, body=quota)
+
+        return [
+            ("name", lambda s: quotas_of(s, s.name("project"))),
+            ("id", lambda s: quotas_of(s, s.id("project"))),
+        ]
     if m is None:
         raise LookupError(f"the authz matrix does not know {method} {path}")
     kind: Kind = next(k for k in KINDS if k.plural == m["plural"])

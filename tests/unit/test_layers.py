@@ -37,7 +37,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         # endpoint addresses are allocated in the API's own write transaction (a refused
         # quota writes nothing); the functions live beside the endpoint controller
         "cove.control.endpoints",
+        # the API mounts the web console and hands it its authentication
+        "cove.console",
     ),
+    # the web console knows nothing of the API or the store: create_app hands it an
+    # authenticate(token) callable, and the shell it serves is the CLI in another process
+    "console": ("cove.console", "cove.errors"),
     # node-side building blocks know nothing of the API
     "image": ("cove.image", "cove.errors"),
     "runtime": ("cove.runtime", "cove.image", "cove.errors"),

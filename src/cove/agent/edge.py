@@ -17,6 +17,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -155,6 +156,8 @@ class EdgeRunner:
         self._local: set[str] = set()
         self._endpoints: set[str] = set()
         self._owner: dict[tuple[str, str, int], str] = {}
+        # the counters count from 0 in each edge: the server meters egress per epoch
+        self.epoch = secrets.token_hex(8)
 
     async def run(self) -> None:
         try:
@@ -230,7 +233,7 @@ class EdgeRunner:
                 "errors": self._bind_errors.get(ep, []),
                 "counters": asdict(counters.get(ep, Counters())),
             }
-        return {"endpoints": out}
+        return {"epoch": self.epoch, "endpoints": out}
 
     async def report(self) -> None:
         body = await self._report_body()

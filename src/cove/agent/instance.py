@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -131,6 +132,11 @@ class InstanceWorker:
             self.task.cancel()
 
     @property
+    def simulated(self) -> bool:
+        """The sim driver: no image to pull, no volume to mount, no check to probe."""
+        return bool(getattr(self.ctx.driver, "simulated", False))
+
+    @property
     def desired(self) -> str:
         if self.item is None:
             return "gone"
@@ -242,7 +248,9 @@ class InstanceWorker:
             insecure = image_mod.on_loopback(ref.registry)
             t0 = time.monotonic()
             cache = self.ctx.state_dir / "images"
-            img = image_mod.load_cached(cache, rel["spec"]["digest"])
+            img: Any = _SIM_IMAGE if self.simulated else None  # sim: nothing to pull
+            if img is None:
+                img = image_mod.load_cached(cache, rel["spec"]["digest"])
             if img is None:  # content-addressed: a cached digest needs no registry at all
                 resolved = await image_mod.resolve(ref, creds=creds, tls_verify=not insecure)
                 if resolved.digest != rel["spec"]["digest"]:
@@ -273,7 +281,9 @@ class InstanceWorker:
             )
             mounts = []
             for v in self.item.get("volumes") or []:
-                if self.ctx.driver_name == "microvm":
+                if self.simulated:  # nothing mounts it: no filesystem to make
+                    host = self.ctx.state_dir / "volumes" / v["id"]
+                elif self.ctx.driver_name == "microvm":
                     host = await self.ctx.volumes.block(v["id"], int(v["size_gb"]))
                 else:
                     host = await self.ctx.volumes.ensure(v["id"], int(v["size_gb"]))
@@ -410,6 +420,8 @@ class InstanceWorker:
         await self._send(state="running", health=health, ready=all_ok and not failing, message=msg)
 
     async def _check(self, spec: dict[str, Any]) -> tuple[bool, str]:
+        if self.simulated:
+            return True, ""  # a simulated instance is healthy: nothing listens to probe
         timeout = _seconds(spec.get("timeout", "2s"))
         host = self.ipv4
         try:
@@ -607,6 +619,12 @@ class InstanceWorker:
                     await reader
             # the supervisor ended (exit or restart): look again shortly
             await asyncio.sleep(0.5)
+
+
+# what the sim driver gets instead of a pulled image: no layers, a stand-in command
+_SIM_IMAGE = SimpleNamespace(
+    layer_dirs=(), config=SimpleNamespace(argv=("sim",), env_dict={}, working_dir="/", user="0")
+)
 
 
 def _describe_check(spec: dict[str, Any]) -> str:

@@ -61,11 +61,12 @@ def _traversable(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in path.resolve().parents if p.exists())
 
 
-def default_state_dir(home: Path) -> Path:
+def default_state_dir(home: Path, driver: str = "auto") -> Path:
     """Sandboxes run as unprivileged host users that must reach their rootfs, so the state
-    dir needs o+x on every parent; under a private home it moves to /var/lib/cove."""
+    dir needs o+x on every parent; under a private home it moves to /var/lib/cove. The sim
+    driver runs nothing, so it stays in the home."""
     wanted = home / "agent"
-    if _traversable(wanted):
+    if driver == "sim" or _traversable(wanted):
         return wanted
     digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:10]
     return Path("/var/lib/cove") / f"agent-{digest}"
@@ -110,9 +111,13 @@ def probe_driver(requested: str, state_dir: Path) -> tuple[Any | None, str, str]
     sandbox (weaker isolation, said plainly in the detail), else nothing."""
     if requested == "none":
         return None, "none", "runtime disabled (--driver none)"
+    if requested == "sim":
+        from cove.runtime.sim import DETAIL, SimDriver
+
+        return SimDriver(state_dir / "sim"), "sim", DETAIL
     if requested not in ("auto", "sandbox", "microvm"):
         raise errors.UserError(
-            f"unknown driver {requested!r}", hint="use microvm, sandbox, auto or none"
+            f"unknown driver {requested!r}", hint="use microvm, sandbox, auto, sim or none"
         )
     notes: list[str] = []
     drv: MicroVMDriver | None = None
@@ -331,13 +336,20 @@ def _ipv4_in_use() -> set[str]:
     return {f.split("/")[0].rsplit(".", 1)[0] for f in out.split() if f.count(".") == 3}
 
 
-def default_network(state_dir: Path) -> tuple[str, str, str]:
+SIM_NETWORK = ("sim0", "10.213.0.0/24", "fd00:c0e::/64")
+
+
+def default_network(state_dir: Path, driver: str = "auto") -> tuple[str, str, str]:
     """(bridge, IPv4 pool, IPv6 pool) for this agent: its own bridge, and a /24 that no
     interface on the host uses yet (two installs on one host must never share a subnet:
     the host would route one's traffic to the other's bridge). Chosen once, then kept in
-    the state dir, so an agent restart keeps its addresses."""
+    the state dir, so an agent restart keeps its addresses. The sim driver creates no
+    bridge and no interface, so it takes fixed pools (its addresses are only reported)
+    without looking at the host."""
     import json
 
+    if driver == "sim":
+        return SIM_NETWORK
     saved = state_dir / "net" / "network.json"
     try:
         doc = json.loads(saved.read_text())
@@ -371,7 +383,7 @@ def run_agent(
     driver: str = "auto",
     network: tuple[str, str, str] | None = None,
 ) -> None:
-    bridge, pool4, pool6 = network or default_network(state_dir)
+    bridge, pool4, pool6 = network or default_network(state_dir, driver)
     agent = Agent(
         server,
         join_token,

@@ -28,16 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cove.control.endpoints as endpoints
-from cove import __version__, deferred, errors
-from cove.api import auth, deploys, problems, service
+from cove import __version__, console, deferred, errors
+from cove.api import auth, billing, deploys, problems, service
 from cove.api import edge as edge_routes
 from cove.api import exec as exec_relay
 from cove.ids import looks_like_id
 from cove.model.kinds import KINDS, Kind, get_kind, kind_by_name, kind_by_prefix
+from cove.model.pricing import PriceList
 from cove.model.resource import Resource, get_condition, is_caught_up
 from cove.model.specs import LABEL_KEY_RE, NAME_RE, NAME_RULE
 from cove.net.pools import Pools, default_pools
-from cove.store import Store
+from cove.store import Store, quotas
 from cove.store.crypto import MasterKey
 from cove.store.db import Scope as StoreScope
 from cove.store.notify import RevisionNotifier
@@ -285,6 +286,7 @@ class Api:
         self.store = store
         self.notifier = notifier
         self.pools = pools
+        self.prices = PriceList()  # the price list in force (server config)
 
     # -- principal -------------------------------------------------------------------------
 
@@ -505,13 +507,17 @@ def create_app(
     notifier: RevisionNotifier | None = None,
     master_key: MasterKey | None = None,
     pools: Pools | None = None,
+    api_url: str | None = None,
+    prices: PriceList | None = None,
 ) -> FastAPI:
     """The API. ``pools`` are the public address pools endpoints draw from (default: the
-    embedded one-machine pools of a throwaway data dir, for tests)."""
+    embedded one-machine pools of a throwaway data dir, for tests). ``api_url`` is this
+    server's own URL: the web console's shells talk to the API there."""
     notifier = notifier or RevisionNotifier()
     store.on_commit(notifier.bump)
     pools = pools or default_pools(Path(tempfile.gettempdir()) / f"cove-api-{id(store)}")
     api = Api(store, notifier, pools)
+    api.prices = prices or PriceList()
     app = FastAPI(
         title="cove API",
         version=__version__,
@@ -880,7 +886,15 @@ def create_app(
 
     deploys.register(app, api, master_key or MasterKey.ephemeral(), pools)
     edge_routes.register(app, api, pools)
+    billing.register(app, api, api.prices)
     exec_relay.register(app, api)
+
+    async def console_user(token: str) -> console.ConsoleUser:
+        who: auth.Principal = await run_in_threadpool(api.principal, f"Bearer {token}")
+        api.require_user(who)
+        return console.ConsoleUser(user_id=who.user_id or "", email=who.email or "")
+
+    console.register(app, console_user, console.config_from_env(api_url))
     for kind in KINDS:
         _register_kind(app, api, kind, principal, user, accepted)
 
@@ -1011,6 +1025,16 @@ def _check_environment_change(tx: Any, cur: dict[str, Any], spec: dict[str, Any]
                 hint=f"cove scale {name}=1 (or 0)",
                 code="volume_bound",
             )
+    if rel is not None and spec.get("scale") != cur["spec"].get("scale"):
+        project_id = deploys.env_project(tx, cur)
+        after = (cur["id"], templates, dict(spec.get("scale") or {}))
+        quotas.check(
+            tx,
+            project_id,
+            quotas.project_use(tx, project_id),
+            quotas.project_use(tx, project_id, env_override=after),
+            f"scaling {cur['name']}",
+        )
 
 
 def _release_name(store: Store, rel_id: str | None) -> str | None:
@@ -1177,7 +1201,11 @@ def _register_kind(
                 if not looks_like_id(ref):
                     raise errors.NotFound(f"events are looked up by ID, not name ({ref!r})")
                 return store.event(ref, who.scope())
-            return api.lookup(who, kind, ref, org, project, app_, env)
+            res = api.lookup(who, kind, ref, org, project, app_, env)
+            cost = billing.monthly_cost(api.prices, res)
+            if cost is not None:  # computed on read, at today's prices
+                res["status"] = dict(res["status"], cost=cost)
+            return res
 
         return await run_in_threadpool(run)
 
@@ -1314,6 +1342,16 @@ def _register_kind(
                     parent_id = parent["id"]
                 spec = kind.spec_model.model_validate(data["spec"]).model_dump(mode="json")
                 with store.write() as tx:
+                    if kind.name == "volume":
+                        assert ctx.project is not None
+                        pid = ctx.project["id"]
+                        quotas.check(
+                            tx,
+                            pid,
+                            quotas.project_use(tx, pid),
+                            quotas.project_use(tx, pid, extra_volume_gb=int(spec["size_gb"])),
+                            f"volume {data['name']} ({spec['size_gb']} GB)",
+                        )
                     rec = service.create_resource(
                         tx,
                         who,

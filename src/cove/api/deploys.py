@@ -10,6 +10,7 @@ stays linear.
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from cove.model.resource import now_iso, set_condition
 from cove.model.specs import NAME_RE, EndpointSpec
 from cove.model.workload import ENV_KEY_RE, WorkloadTemplate
 from cove.net.pools import Pools
-from cove.store import Tx
+from cove.store import Tx, quotas
 from cove.store import schema as t
 from cove.store.crypto import MasterKey, Sealed
 
@@ -541,27 +542,111 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     ) -> dict[str, Any]:
         """Every instance placed on this node with what it needs to run (release, template,
         pull credentials); long-polls up to ``wait`` seconds for the revision to pass
-        ``since``."""
+        ``since`` and, when ``since`` is the revision of this server's last answer to the
+        node, for something the agent acts on to change there (see ``_Placements``):
+        status reports, heartbeats and writes elsewhere in the cluster do not wake every
+        agent."""
         who.require_node(node_id)
         deadline = time.monotonic() + wait
-        while api.notifier.revision <= since and time.monotonic() < deadline:
-            await api.notifier.wait(since, min(1.0, max(0.0, deadline - time.monotonic())))
+        last = answered.get(node_id)
+        seen = since
+        while (left := deadline - time.monotonic()) > 0:
+            head = api.notifier.revision
+            if head > since:
+                if last is None or last[0] != since:
+                    break
+                if head > seen or placements.revision < head:
+                    seen = head
+                    if placements.fresh_enough():  # no thread needed
+                        now = placements.by_node
+                    else:
+                        now = await run_in_threadpool(placements.current)
+                    if _fingerprint(now, node_id) != last[1]:
+                        break
+            # the shared view is behind (it is read at most every 0.2 s): look again soon
+            behind = placements.revision < api.notifier.revision
+            await api.notifier.wait(seen, min(0.25 if behind else 1.0, left))
         return await run_in_threadpool(_assignments, node_id)
 
+    class _Placements:
+        """Which instances and volumes are placed on each node, with their generations (a
+        spec change, or being marked deleting, moves a generation; status reports do not):
+        what an agent acts on. Read in one query, again at most every 0.2 s while the store
+        moves, and shared by every agent's long-poll; the rows of one node's answer are then
+        read by primary key, not found by scanning every instance."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.revision = -1
+            self.at = 0.0
+            self.by_node: dict[str, frozenset[tuple[str, int]]] = {}
+
+        def fresh_enough(self) -> bool:
+            """Read again at most every 0.2 s, and by one thread at a time."""
+            return (
+                api.notifier.revision == self.revision
+                or time.monotonic() - self.at < 0.2
+                or self.lock.locked()
+            )
+
+        def current(self) -> dict[str, frozenset[tuple[str, int]]]:
+            # a thread that finds another one reading takes the view as it is (older is
+            # safe, see _assignments) rather than wait, holding a worker thread of the API
+            if self.fresh_enough() or not self.lock.acquire(blocking=False):
+                return self.by_node
+            try:
+                rev = api.notifier.revision
+                if rev != self.revision:
+                    c = t.resources.c
+                    node = c.spec["node"].as_string()
+                    q = sa.select(node, c.id, c.generation).where(
+                        c.kind.in_(("instance", "volume")), node.is_not(None)
+                    )
+                    rows: dict[str, set[tuple[str, int]]] = {}
+                    with store.read() as conn:
+                        for n, rid, gen in conn.execute(q):
+                            rows.setdefault(str(n), set()).add((str(rid), int(gen)))
+                    self.by_node = {n: frozenset(v) for n, v in rows.items()}
+                    self.revision, self.at = rev, time.monotonic()
+            finally:
+                self.lock.release()
+            return self.by_node
+
+    placements = _Placements()
+    # node -> (revision, fingerprint) of this server's last answer to it
+    answered: dict[str, tuple[int, int]] = {}
+
     def _assignments(node_id: str) -> dict[str, Any]:
+        # what is placed here comes from the shared view; when that view is older than a
+        # change, the fingerprint kept with this answer is older too, so the next poll is
+        # answered at once with the change (never a change missed)
+        now = placements.current()
+        fp = _fingerprint(now, node_id)
         rev = store.head_revision()
-        with store.read() as conn:
-            rows = conn.execute(
-                sa.select(t.resources).where(t.resources.c.kind == "instance")
-            ).mappings()
-            mine = [r for r in rows if (r["spec"] or {}).get("node") == node_id]
+        ids = sorted(rid for rid, _ in now.get(node_id, ()) if rid.startswith("ins_"))
+        node_col = t.resources.c.spec["node"].as_string()
+        mine: list[Any] = []
         from cove.store.db import resource_from_row
 
+        with store.read() as conn:
+            for i in range(0, len(ids), 500):
+                q = sa.select(t.resources).where(
+                    t.resources.c.id.in_(ids[i : i + 500]), t.resources.c.kind == "instance"
+                )
+                rows = conn.execute(q).mappings()
+                mine.extend(r for r in rows if (r["spec"] or {}).get("node") == node_id)
+            # their releases, each read once
+            rel_ids = sorted({str((r["spec"] or {}).get("release")) for r in mine})
+            releases: dict[str, dict[str, Any] | None] = dict.fromkeys(rel_ids)
+            for i in range(0, len(rel_ids), 500):
+                q = sa.select(t.resources).where(t.resources.c.id.in_(rel_ids[i : i + 500]))
+                for rel in conn.execute(q).mappings():
+                    releases[str(rel["id"])] = resource_from_row(rel)
+        creds_of: dict[tuple[str, str | None], tuple[str, str] | None] = {}
         out = []
         for r in mine:
             ins = resource_from_row(r)
-            rel = store.get_row(ins["spec"]["release"])
-            release = resource_from_row(rel) if rel is not None else None
+            release = releases[str(ins["spec"]["release"])]
             creds = None
             if release is not None:
                 from cove import image as image_mod
@@ -570,7 +655,10 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
                     host = image_mod.parse_ref(release["spec"]["image"]).registry
                 except errors.CoveError:
                     host = None
-                c = registry_creds(str(r["org_id"]), host)
+                key = (str(r["org_id"]), host)
+                if key not in creds_of:
+                    creds_of[key] = registry_creds(*key)
+                c = creds_of[key]
                 creds = {"username": c[0], "password": c[1]} if c else None
             mounts = []
             for m in ins["spec"].get("mounts") or []:
@@ -598,7 +686,9 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
                 resource_from_row(v)
                 for v in conn.execute(
                     sa.select(t.resources).where(
-                        t.resources.c.kind == "volume", t.resources.c.deleting.is_(True)
+                        t.resources.c.kind == "volume",
+                        t.resources.c.deleting.is_(True),
+                        node_col == node_id,
                     )
                 ).mappings()
             ]
@@ -607,6 +697,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
             for v in vols
             if v["spec"].get("node") == node_id and not v["status"].get("released")
         ]
+        answered[node_id] = (rev, fp)
         return {"revision": rev, "items": out, "release_volumes": release_vols}
 
     @app.post("/v1/volumes/{vol_id}/released", tags=["nodes"], summary="Volume data deleted")
@@ -639,6 +730,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
                 )
                 st["node"] = ins["spec"].get("node")
                 st["reported_at"] = now_iso()
+                st.pop("unreachable_since", None)  # its node reports again
                 ready = body.ready and body.state == "running"
                 set_condition(
                     st,
@@ -776,6 +868,10 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     _ = asyncio
 
 
+def _fingerprint(by_node: dict[str, frozenset[tuple[str, int]]], node_id: str) -> int:
+    return hash(by_node.get(node_id, frozenset()))
+
+
 def _reason(state: str, health: str) -> str:
     if state == "running":
         return "HealthChecksFailing" if health == "failing" else "HealthChecksPending"
@@ -802,6 +898,12 @@ def _secrets_ref(bundle: dict[str, Any] | None) -> dict[str, Any] | None:
     if bundle is None or not bundle["spec"].get("version"):
         return None
     return {"bundle": bundle["id"], "version": int(bundle["spec"]["version"])}
+
+
+def env_project(tx: Tx, env: dict[str, Any]) -> str:
+    row = tx.row(env["id"])
+    assert row is not None and row["project_id"] is not None
+    return str(row["project_id"])
 
 
 def _release(
@@ -836,6 +938,14 @@ def _release(
     for name in list(scale):
         if name not in spec["workloads"]:
             scale.pop(name)
+    project_id = env_project(tx, env)
+    quotas.check(
+        tx,
+        project_id,
+        quotas.project_use(tx, project_id),
+        quotas.project_use(tx, project_id, env_override=(env["id"], spec["workloads"], scale)),
+        f"{spec['reason']} v{number} of {env['name']}",
+    )
     new_spec = dict(env["spec"], release=rel["id"], scale=scale)
     env2 = tx.update(env["id"], spec=new_spec)
     tx.event(env2, "Normal", "Deploying", f"rolling out v{number}: {what}")

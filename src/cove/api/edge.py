@@ -17,6 +17,7 @@ import cove.control.endpoints as endpoints
 from cove import errors
 from cove.api import auth
 from cove.net.pools import Pools
+from cove.store import meter
 
 COUNTERS = (
     "connections_total",
@@ -44,6 +45,8 @@ class EndpointReport(_Body):
 
 class EdgeReport(_Body):
     etag: str = Field(default="", max_length=64)
+    # a fresh ID each time the node's edge starts (its counters start from 0 again)
+    epoch: str = Field(default="", max_length=40, pattern=r"^[A-Za-z0-9_-]*$")
     endpoints: dict[Annotated[str, Field(max_length=40)], EndpointReport] = Field(
         default_factory=dict, max_length=10_000
     )
@@ -96,6 +99,11 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
                 node = tx.get(node_id)
                 if node is None:
                     raise errors.NotFound(f"no node {node_id}")
+                for ep_id, r in body.endpoints.items():
+                    sent = r.counters.get("bytes_out")
+                    ep = tx.row(ep_id) if sent is not None else None
+                    if ep is not None and ep["kind"] == "endpoint" and sent is not None:
+                        meter.record_egress(tx, node_id, ep_id, body.epoch, sent)
                 if node["status"].get("edge") == report:
                     return {"node": node_id, "revision": node["metadata"]["revision"]}
                 node = tx.update(node_id, status=dict(node["status"], edge=report))

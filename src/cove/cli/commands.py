@@ -456,6 +456,10 @@ def _org_verbs(g: typer.Typer) -> None:
 
 
 def _project_verbs(g: typer.Typer) -> None:
+    from cove.cli import billing as billing_cmds
+
+    billing_cmds.project_verbs(g)
+
     @g.command("create", help="Create a project in the current org.")
     def create(
         name: Annotated[str, typer.Argument(help="name of the new project")],
@@ -794,6 +798,9 @@ def register(app: typer.Typer) -> None:
     from cove.cli import exec as exec_cmds
 
     exec_cmds.register(app)
+    from cove.cli import billing as billing_cmds
+
+    billing_cmds.register(app)
 
     @app.command("cluster", help="The control plane: which server replica runs the controllers.")
     def cluster(fmt: OutputOpt = Format.table, api_url: ApiUrlOpt = None) -> None:

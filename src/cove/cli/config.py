@@ -75,7 +75,11 @@ def update(**changes: Any) -> dict[str, Any]:
 
 
 def app_toml() -> dict[str, Any]:
-    """``cove.toml`` in the current directory (or a parent), if any."""
+    """``cove.toml`` in the current directory (or a parent), if any. Not in the web
+    console's shell (``COVE_CONSOLE=1``): it runs on the server's host, where a cove.toml in
+    a parent directory (/tmp/cove.toml) would be someone else's."""
+    if os.environ.get("COVE_CONSOLE") == "1":
+        return {}
     here = Path.cwd()
     for d in (here, *here.parents):
         p = d / "cove.toml"

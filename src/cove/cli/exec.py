@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -105,7 +106,9 @@ def _run(url: str, token: str, *, tty: bool, interactive: bool) -> int:
     except (OSError, InvalidStatus) as exc:
         raise errors.Transient(f"can't open the exec session: {exc}") from exc
     old_attrs = None
+    old_winch: Any = None
     stop = threading.Event()
+    pump: threading.Thread | None = None
     try:
         if tty:
             import termios
@@ -119,14 +122,19 @@ def _run(url: str, token: str, *, tty: bool, interactive: bool) -> int:
                 with contextlib.suppress(Exception):
                     ws.send(json.dumps({"type": "resize", "rows": r, "cols": c}))
 
-            signal.signal(signal.SIGWINCH, on_winch)
+            old_winch = signal.signal(signal.SIGWINCH, on_winch)
 
         def pump_stdin() -> None:
             fd = sys.stdin.fileno()
             while not stop.is_set():
                 try:
+                    # wait with a timeout: once the session ends this thread must not take
+                    # the next keystroke (in `cove shell` the prompt reads it)
+                    readable, _, _ = select.select([fd], [], [], 0.1)
+                    if not readable:
+                        continue
                     data = os.read(fd, 65536)
-                except OSError:
+                except (OSError, ValueError):
                     break
                 if not data:
                     break
@@ -138,7 +146,8 @@ def _run(url: str, token: str, *, tty: bool, interactive: bool) -> int:
                 ws.send(json.dumps({"type": "eof"}))
 
         if interactive:
-            threading.Thread(target=pump_stdin, daemon=True).start()
+            pump = threading.Thread(target=pump_stdin, daemon=True)
+            pump.start()
         else:
             with contextlib.suppress(ConnectionClosed):
                 ws.send(json.dumps({"type": "eof"}))
@@ -160,6 +169,10 @@ def _run(url: str, token: str, *, tty: bool, interactive: bool) -> int:
                 raise errors.from_problem(msg, int(msg.get("status") or 409))
     finally:
         stop.set()
+        if pump is not None:
+            pump.join(timeout=1)
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
         if old_attrs is not None:
             import termios
 

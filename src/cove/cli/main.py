@@ -11,7 +11,8 @@ import typer
 from rich.markup import escape
 
 from cove import errors
-from cove.cli import commands, output, up
+from cove.cli import commands, output, shell, up
+from cove.cli import console as console_cmd
 
 
 def build() -> typer.Typer:
@@ -25,6 +26,8 @@ def build() -> typer.Typer:
     )
     up.register(app)
     commands.register(app)
+    shell.register(app)
+    console_cmd.register(app)
     return app
 
 
@@ -38,27 +41,29 @@ def _print_error(exc: errors.CoveError) -> None:
         output.err.print(f"[bold]instead[/bold]: {escape(str(instead))}", markup=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    app = build()
+def run(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
+    """Run one command line (``argv`` without the program name) and return its exit code.
+    Errors are printed here, never raised: ``main`` exits with the code, ``cove shell``
+    prints the prompt again."""
+    app = app or build()
     try:
         rv = app(args=argv, standalone_mode=False)
         # outside standalone mode an Exit (Ctrl-C becomes Exit(130)) is returned, not raised
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
-            sys.exit(rv)
+        if isinstance(rv, int) and not isinstance(rv, bool):
+            return rv
     except errors.CoveError as exc:
         _print_error(exc)
-        code = exc.exit_code
         if exc.code == "usage":
-            code = errors.EXIT_USAGE
-        sys.exit(code)
+            return errors.EXIT_USAGE
+        return exc.exit_code
     except (click.exceptions.Abort, typer.Abort):
         output.err.print("aborted")
-        sys.exit(errors.EXIT_ERROR)
+        return errors.EXIT_ERROR
     except (click.exceptions.Exit, typer.Exit) as exc:
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(errors.EXIT_USAGE if isinstance(exc, click.UsageError) else errors.EXIT_ERROR)
+        return errors.EXIT_USAGE if isinstance(exc, click.UsageError) else errors.EXIT_ERROR
     except typer.TyperException as exc:
         # typer >= 0.2x parses with its own copy of click: its usage errors (unknown flag,
         # missing argument, bad choice) are not click's classes; exit_code 2 marks usage
@@ -68,11 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             output.err.print(f"error: {exc.format_message()}", markup=False)
         code = getattr(exc, "exit_code", errors.EXIT_ERROR)
-        sys.exit(errors.EXIT_USAGE if code == errors.EXIT_USAGE else errors.EXIT_ERROR)
+        return errors.EXIT_USAGE if code == errors.EXIT_USAGE else errors.EXIT_ERROR
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
     except BrokenPipeError:
-        sys.exit(0)
+        return 0
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    code = run(argv)
+    if code != 0:
+        sys.exit(code)
     return 0
 
 

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--driver",
                 help="the agent's runtime: microvm, sandbox, auto (microvm when KVM works, "
-                "else sandbox) or none",
+                "else sandbox), none, or sim (simulated instances, nothing runs)",
             ),
         ] = "auto",
     ) -> None:
@@ -188,13 +188,23 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--unix-socket", help="also serve the API on this unix socket"),
         ] = None,
+        price_list: Annotated[
+            Path | None,
+            typer.Option(
+                "--price-list",
+                help="the price list, TOML (or COVE_PRICE_LIST; default: DATA/prices.toml "
+                "if it exists, else the documented defaults: docs/billing.md)",
+            ),
+        ] = None,
     ) -> None:
+        from cove.model import pricing
         from cove.net.pools import configured
         from cove.server import serve, setup_logging
 
         setup_logging(log_level)
         ddir = data_dir or config.data_dir()
         pools = configured(ddir, public_ipv6, public_ipv4)
+        prices = pricing.configured(ddir, price_list)  # a wrong file stops here, said clearly
         try:
             serve(
                 ddir,
@@ -204,6 +214,7 @@ def register(app: typer.Typer) -> None:
                 access_log=access_log,
                 pools=pools,
                 unix_socket=unix_socket,
+                prices=prices,
             )
         except OSError as exc:
             if exc.errno == 98:
@@ -237,7 +248,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--driver",
                 help="microvm (KVM, or TCG emulation when KVM can't run a guest), sandbox, "
-                "auto (microvm when KVM works, else sandbox) or none",
+                "auto (microvm when KVM works, else sandbox), none, or sim (simulated "
+                "instances: nothing runs, for control-plane scale tests; needs no root)",
             ),
         ] = "auto",
         state_dir: Annotated[
@@ -275,8 +287,8 @@ def register(app: typer.Typer) -> None:
                 raise errors.UserError(
                     f"no join token ({f} unreadable)", hint="pass --join-token or --join-token-file"
                 ) from exc
-        sdir = state_dir or default_state_dir(config.home())
-        dbridge, dpool4, dpool6 = default_network(sdir)
+        sdir = state_dir or default_state_dir(config.home(), driver)
+        dbridge, dpool4, dpool6 = default_network(sdir, driver)
         run_agent(
             url,
             token,

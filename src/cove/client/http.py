@@ -133,6 +133,9 @@ class Client:
     def patch(self, path: str, body: Any = None, **params: Any) -> Any:
         return self.request("PATCH", path, params=params, json_body=body)
 
+    def put(self, path: str, body: Any = None, **params: Any) -> Any:
+        return self.request("PUT", path, params=params, json_body=body)
+
     def delete(self, path: str, **params: Any) -> Any:
         return self.request("DELETE", path, params=params)
 

@@ -110,6 +110,9 @@ class GarbageCollector:
         self.store = store
 
     def reconcile(self, key: str) -> float | None:
+        row = self.store.get_row(key)  # read first: only resources being deleted need a write
+        if row is None or not row["deleting"]:
+            return None
         with self.store.write() as tx:
             res = tx.get(key, for_update=True)
             if res is None or not res["metadata"]["deleting"]:
@@ -266,8 +269,9 @@ def instances_on(tx: Tx, node_id: str) -> list[dict[str, Any]]:
     from cove.store import schema as t
     from cove.store.db import resource_from_row
 
-    rows = tx.conn.execute(
-        sa.select(t.resources).where(t.resources.c.kind == "instance")
+    c = t.resources.c
+    rows = tx.conn.execute(  # filtered in SQL: a node's instances, not every instance
+        sa.select(t.resources).where(c.kind == "instance", c.spec["node"].as_string() == node_id)
     ).mappings()
     out = []
     for r in rows:
@@ -277,6 +281,32 @@ def instances_on(tx: Tx, node_id: str) -> list[dict[str, Any]]:
         if spec.get("node") == node_id and wanted:
             out.append(ins)
     return out
+
+
+def _unreachable(tx: Tx, node_id: str, since: str | None) -> None:
+    """Mark (or unmark) the instances on a node that stopped reporting: their last known
+    state is kept, but they are billed only until the node's last heartbeat (metering
+    closes their spans there) and again from when it reports."""
+    import sqlalchemy as sa
+
+    from cove.store import schema as t
+    from cove.store.db import resource_from_row
+
+    rows = tx.conn.execute(
+        sa.select(t.resources).where(t.resources.c.kind == "instance")
+    ).mappings()
+    for r in rows:
+        ins = resource_from_row(r)
+        if ins["spec"].get("node") != node_id:
+            continue
+        st = dict(ins["status"])
+        if since is None and "unreachable_since" in st:
+            st.pop("unreachable_since")
+        elif since is not None and st.get("unreachable_since") is None:
+            st["unreachable_since"] = since
+        else:
+            continue
+        tx.update(ins["id"], status=st)
 
 
 class NodeController:
@@ -321,6 +351,11 @@ class NodeController:
                 set_condition(
                     status, "Ready", "true", "HeartbeatsArriving", "the agent reports on time"
                 )
+            now_ready = (get_condition(status, "Ready") or {}).get("status")
+            if (before or {}).get("status") == "true" and now_ready == "false":
+                _unreachable(tx, key, status.get("last_heartbeat") or now_iso())
+            elif (before or {}).get("status") == "false" and now_ready == "true":
+                _unreachable(tx, key, None)
             if node["spec"].get("cordoned"):
                 set_condition(status, "Schedulable", "false", "Cordoned", "cordoned by an operator")
             elif status.get("driver") in (None, "none"):

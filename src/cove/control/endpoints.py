@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from cove import errors
 from cove.model.resource import get_condition, now_iso, set_condition
 from cove.net.pools import Pools, pick
-from cove.store import Store, Tx
+from cove.store import Store, Tx, meter, quotas
 from cove.store import schema as t
 from cove.store.db import resource_from_row
 
@@ -115,15 +115,17 @@ def sync_addresses(tx: Tx, pools: Pools, endpoint: dict[str, Any]) -> dict[str, 
                 t.public_addresses.c.family == 4,
             )
         ).scalar_one()
-        if used >= quota:
-            name = project["name"] if project else project_id
-            raise errors.UserError(
-                f"project {name} already has {used} dedicated IPv4 address(es), its quota "
-                f"is {quota}",
-                hint="every endpoint has its own IPv6 address without --ipv4; or destroy an "
-                "IPv4 endpoint you no longer need, or raise the project's dedicated_ipv4 quota",
-                code="quota_exceeded",
+        if used >= quota and project is not None:
+            err = quotas.exceeded(
+                project,
+                "dedicated_ipv4",
+                quota,
+                used,
+                used + 1,
+                f"endpoint {endpoint['name']} with a dedicated IPv4",
             )
+            err.hint = "every endpoint has its own IPv6 address without --ipv4; " + (err.hint or "")
+            raise err
         taken = {
             str(a)
             for (a,) in tx.conn.execute(
@@ -140,16 +142,22 @@ def sync_addresses(tx: Tx, pools: Pools, endpoint: dict[str, Any]) -> dict[str, 
             )
         insert(addr, 4)
         have["ipv4"] = addr
+        meter.open_span(
+            tx, "ipv4", f"{endpoint['id']}:{addr}", f"{endpoint['name']} {addr}", dict(row)
+        )
     elif not endpoint["spec"].get("ipv4") and have["ipv4"] is not None:
         tx.conn.execute(
             sa.delete(t.public_addresses).where(t.public_addresses.c.address == have["ipv4"])
         )
+        meter.close_span(tx, f"{endpoint['id']}:{have['ipv4']}")
         have["ipv4"] = None
     return have
 
 
 def release_addresses(tx: Tx, endpoint_id: str) -> list[str]:
     addrs = [a for a in addresses_of(tx.conn, endpoint_id).values() if a]
+    for a in addrs:
+        meter.close_span(tx, f"{endpoint_id}:{a}")  # only IPv4 spans exist: the rest no-ops
     tx.conn.execute(
         sa.delete(t.public_addresses).where(t.public_addresses.c.endpoint_id == endpoint_id)
     )

@@ -17,7 +17,8 @@ import heapq
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from cove import errors
 from cove.model.kinds import kind_by_prefix
@@ -25,6 +26,7 @@ from cove.store import Store
 from cove.store.notify import RevisionNotifier
 
 log = logging.getLogger("cove.control")
+T = TypeVar("T")
 
 
 class Controller(Protocol):
@@ -125,6 +127,7 @@ class Manager:
             for k in c.kinds:
                 self._by_kind.setdefault(k, []).append(c)
         self.revision = 0
+        self._pool: ThreadPoolExecutor | None = None
         # target id -> receipts (operations) not yet settled, so a change of the target
         # wakes them at once instead of on their next poll
         self._receipts: dict[str, set[str]] = {}
@@ -135,12 +138,32 @@ class Manager:
             self.queues[c.name].add(key)
 
     async def run(self) -> None:
-        """Run until cancelled. Every task started here is owned and awaited here."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._watch())
-            for c in self.controllers:
-                for i in range(self.workers):
-                    tg.create_task(self._work(c, i))
+        """Run until cancelled. Every task started here is owned and awaited here.
+
+        Reconciles run in threads of the manager's own pool, one per worker (and one for
+        the watch): in the event loop's default pool (a handful of threads, shared with
+        everything else in the process) workers waiting for the store's write lock took
+        every thread, and a controller with work to do (the scheduler, under a busy API)
+        waited for a thread rather than for the lock."""
+        pool = ThreadPoolExecutor(
+            max_workers=len(self.controllers) * self.workers + 1,
+            thread_name_prefix="cove-control",
+        )
+        self._pool = pool
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch())
+                for c in self.controllers:
+                    for i in range(self.workers):
+                        tg.create_task(self._work(c, i))
+        finally:
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _watch(self) -> None:
         last_resync = 0.0
@@ -149,16 +172,16 @@ class Manager:
                 if time.monotonic() - last_resync > self.resync:
                     first = last_resync == 0.0
                     if first:  # everything is enqueued below: start watching from here
-                        self.revision = await asyncio.to_thread(self.store.head_revision)
+                        self.revision = await self._in_pool(self.store.head_revision)
                     for c in self.controllers:
                         # everything once at start; later only controllers that ask for it
                         if not first and not getattr(c, "periodic_resync", True):
                             continue
                         for kind in c.kinds:
-                            for rid in await asyncio.to_thread(self.store.ids_of_kind, kind):
+                            for rid in await self._in_pool(self.store.ids_of_kind, kind):
                                 self.queues[c.name].add(rid)
                     last_resync = time.monotonic()
-                changes = await asyncio.to_thread(self.store.changes_since, self.revision)
+                changes = await self._in_pool(self.store.changes_since, self.revision)
                 for ch in changes:
                     self.revision = max(self.revision, int(ch["revision"]))
                     self.enqueue(ch["kind"], ch["id"])
@@ -184,7 +207,7 @@ class Manager:
         while True:
             key = await q.get()
             try:
-                after = await asyncio.to_thread(c.reconcile, key)
+                after = await self._in_pool(c.reconcile, key)
             except errors.Conflict:
                 q.add_after(key, q.backoff(key, base=0.01, cap=1.0))
             except Exception as exc:

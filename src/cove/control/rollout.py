@@ -20,11 +20,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
+
 from cove.model.resource import get_condition, now_iso, set_condition
 from cove.model.workload import SIZES, seconds
-from cove.store import Store, Tx
+from cove.store import Store, Tx, quotas
+from cove.store import schema as t
+from cove.store.db import resource_from_row
 
 CPU_OVERCOMMIT = 4  # CPU is shared; memory is not overcommitted
+SCHEDULE_BATCH = 50  # instances placed at most in one scheduling transaction
 
 
 def _ready(res: dict[str, Any]) -> bool:
@@ -257,6 +262,7 @@ class RolloutController:
                 "release_name": rel["name"],
                 "desired": "running",
                 "node": None,
+                "size": tmpl.get("size", "small"),
                 "cpu_millis": cpu,
                 "memory_mb": mem,
                 "mounts": list(tmpl.get("mounts") or []),
@@ -285,10 +291,22 @@ class Scheduler:
     name = "scheduler"
     kinds = ("instance",)
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, batch: int = SCHEDULE_BATCH) -> None:
         self.store = store
+        self.batch = batch
 
     def reconcile(self, key: str) -> float | None:
+        # read first: most wake-ups are status reports of placed instances, which need
+        # nothing from the scheduler and should not take the write lock
+        row = self.store.get_row(key)
+        if row is None or row["deleting"]:
+            return None
+        seen = row["spec"] or {}
+        if seen.get("node") and (
+            seen.get("desired", "running") == "running"
+            or (row["status"] or {}).get("state") != "destroyed"
+        ):
+            return None
         with self.store.write() as tx:
             ins = tx.get(key, for_update=True)
             if ins is None or ins["metadata"]["deleting"]:
@@ -304,31 +322,19 @@ class Scheduler:
                 return None
             if spec.get("node"):
                 return None
-            return self._place(tx, ins)
+            view = _ClusterView(tx)
+            after = self._place(tx, ins, view)
+            if after is None:
+                # placed: place the next instances waiting for a node in the same transaction,
+                # with the same view of the cluster (kept current as they are placed), so the
+                # nodes and their use are read once per batch, not once per instance
+                for other in _waiting(tx, exclude=key, limit=self.batch):
+                    if self._place(tx, other, view) is not None:
+                        break  # the cluster is full for it; its own reconcile says why
+            return after
 
-    def _place(self, tx: Tx, ins: dict[str, Any]) -> float | None:
-        import sqlalchemy as sa
-
-        from cove.store import schema as t
-        from cove.store.db import resource_from_row
-
-        nodes = [
-            resource_from_row(r)
-            for r in tx.conn.execute(
-                sa.select(t.resources)
-                .where(t.resources.c.kind == "node")
-                .order_by(t.resources.c.id)
-            ).mappings()
-        ]
-        placed = [
-            resource_from_row(r)
-            for r in tx.conn.execute(
-                sa.select(t.resources).where(t.resources.c.kind == "instance")
-            ).mappings()
-        ]
-        placed = [
-            p for p in placed if p["spec"].get("node") and p["spec"].get("desired") == "running"
-        ]
+    def _place(self, tx: Tx, ins: dict[str, Any], view: _ClusterView) -> float | None:
+        nodes = view.nodes
         # volume locality: an instance goes where its volumes' data lives
         volumes: list[dict[str, Any]] = []
         env_id = tx.row(ins["id"])["env_id"]  # type: ignore[index]
@@ -342,6 +348,13 @@ class Scheduler:
                     tx.event(ins, "Warning", "FailedScheduling", msg)
                 return 5.0
             volumes.append(vol)
+        refusal = quotas.placement_refusal(tx, ins)
+        if refusal is not None:
+            st0 = dict(ins["status"])
+            if set_condition(st0, "Scheduled", "false", "QuotaExceeded", refusal):
+                tx.update(ins["id"], status=st0)
+                tx.event(ins, "Warning", "FailedScheduling", refusal)
+            return 10.0
         pinned = {v["spec"].get("node") for v in volumes if v["spec"].get("node")}
         if len(pinned) > 1:
             nodes = []
@@ -371,9 +384,7 @@ class Scheduler:
             alloc = n["status"].get("allocatable") or n["status"].get("capacity") or {}
             mem_total = int(alloc.get("memory_mb", 0))
             cpu_total = int(float(alloc.get("vcpu", 0)) * 1000 * CPU_OVERCOMMIT)
-            on_node = [p for p in placed if p["spec"]["node"] == n["id"]]
-            mem_used = sum(int(p["spec"].get("memory_mb", 256)) for p in on_node)
-            cpu_used = sum(int(p["spec"].get("cpu_millis", 500)) for p in on_node)
+            mem_used, cpu_used = view.used.get(n["id"], (0, 0))
             if mem_used + want_mem > mem_total:
                 reasons.append(
                     f"{label} lacks memory ({mem_total - mem_used} MiB free, {want_mem} needed)"
@@ -382,9 +393,7 @@ class Scheduler:
             if cpu_used + want_cpu > cpu_total:
                 reasons.append(f"{label} lacks CPU")
                 continue
-            same = sum(
-                1 for p in on_node if p["parent"] and p["parent"]["id"] == ins["parent"]["id"]
-            )
+            same = view.same(ins["parent"]["id"], n["id"])
             free = mem_total - mem_used - want_mem
             why = f"{same} other instance(s) of this workload there, {free} MiB left after"
             candidates.append(((same, -free), n, why))
@@ -414,4 +423,95 @@ class Scheduler:
         st.update(state="placed", placement=msg, node=node["id"], node_name=node["name"])
         new = tx.update(ins["id"], spec=dict(ins["spec"], node=node["id"]), status=st)
         tx.event(new, "Normal", "Scheduled", msg)
+        view.placed(new, node["id"])
         return None
+
+
+class _ClusterView:
+    """What placement reads about the cluster, once per scheduling transaction, and kept
+    current as that transaction places instances: the nodes in ID order; the memory and
+    CPU taken on each node by the instances placed there that should run; and, per
+    workload, how many of its instances each node runs. The sums are made by the database
+    (one grouped query, and one per workload on the parent index), not by loading every
+    instance."""
+
+    def __init__(self, tx: Tx) -> None:
+        c = t.resources.c
+        self.tx = tx
+        self.nodes = [
+            resource_from_row(r)
+            for r in tx.conn.execute(
+                sa.select(t.resources).where(c.kind == "node").order_by(c.id)
+            ).mappings()
+        ]
+        node = c.spec["node"].as_string()
+        q = (
+            sa.select(
+                node,
+                sa.func.sum(sa.func.coalesce(c.spec["memory_mb"].as_integer(), 256)),
+                sa.func.sum(sa.func.coalesce(c.spec["cpu_millis"].as_integer(), 500)),
+            )
+            .where(_placed_running())
+            .group_by(node)
+        )
+        self.used: dict[str, tuple[int, int]] = {
+            str(n): (int(m), int(cpu)) for n, m, cpu in tx.conn.execute(q)
+        }
+        self._same: dict[str, dict[str, int]] = {}
+
+    def same(self, workload_id: str, node_id: str) -> int:
+        """Instances of the workload placed on the node that should run."""
+        if workload_id not in self._same:
+            c = t.resources.c
+            node = c.spec["node"].as_string()
+            q = (
+                sa.select(node, sa.func.count())
+                .where(_placed_running(), c.parent_id == workload_id)
+                .group_by(node)
+            )
+            self._same[workload_id] = {str(n): int(k) for n, k in self.tx.conn.execute(q)}
+        return self._same[workload_id].get(node_id, 0)
+
+    def placed(self, ins: dict[str, Any], node_id: str) -> None:
+        mem, cpu = self.used.get(node_id, (0, 0))
+        self.used[node_id] = (
+            mem + int(ins["spec"].get("memory_mb", 256)),
+            cpu + int(ins["spec"].get("cpu_millis", 500)),
+        )
+        wl = ins["parent"]["id"] if ins["parent"] else None
+        if wl is not None and wl in self._same:
+            self._same[wl][node_id] = self._same[wl].get(node_id, 0) + 1
+
+
+def _placed_running() -> sa.ColumnElement[bool]:
+    """Instances on a node that should run there (as the scheduler counts capacity)."""
+    c = t.resources.c
+    return sa.and_(
+        c.kind == "instance",
+        c.spec["node"].as_string().is_not(None),
+        c.spec["desired"].as_string() == "running",
+    )
+
+
+def _waiting(tx: Tx, *, exclude: str, limit: int) -> list[dict[str, Any]]:
+    """Up to *limit* instances that should run and wait for a node, oldest first, locked
+    for this transaction on PostgreSQL (rows another transaction holds are skipped: their
+    own reconcile places them)."""
+    if limit <= 0:
+        return []
+    c = t.resources.c
+    q = (
+        sa.select(t.resources)
+        .where(
+            c.kind == "instance",
+            c.id != exclude,
+            c.deleting.is_(False),
+            c.spec["node"].as_string().is_(None),
+            c.spec["desired"].as_string() == "running",
+        )
+        .order_by(c.id)
+        .limit(limit)
+    )
+    if tx.conn.dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    return [resource_from_row(r) for r in tx.conn.execute(q).mappings()]

@@ -27,10 +27,15 @@ from cove import errors
 from cove.ids import new_id
 from cove.model import kinds as kinds_mod
 from cove.model.resource import now_iso
+from cove.store import meter
 from cove.store import schema as t
 
 log = logging.getLogger("cove.store")
 NOTIFY_CHANNEL = "cove_revision"
+
+# kinds whose writes open and close spans of billable use (store/meter.py)
+METERED = ("instance", "volume")
+METERED_PREFIXES = ("ins", "vol")
 
 _ANCESTOR_COLS = {
     "org": "org_id",
@@ -220,6 +225,8 @@ class Tx:
             ) from exc
         out = self.get(rid)
         assert out is not None
+        if kind in METERED:
+            meter.observe(self, None, out)
         return out
 
     def update(
@@ -274,10 +281,14 @@ class Tx:
             raise errors.Conflict(f"{rid} changed concurrently", code="stale_revision")
         out = self.get(rid)
         assert out is not None
+        if cur["kind"] in METERED:
+            meter.observe(self, cur, out)
         return out
 
     def delete(self, rid: str) -> None:
         """Remove the row for good (after finalisation by the GC controller)."""
+        if rid.split("_", 1)[0] in METERED_PREFIXES:
+            meter.observe(self, self.get(rid), None)
         self.next_revision()
         self.conn.execute(sa.delete(t.resources).where(t.resources.c.id == rid))
 

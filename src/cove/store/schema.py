@@ -184,3 +184,73 @@ public_addresses = Table(
 )
 Index("ix_public_addresses_endpoint", public_addresses.c.endpoint_id)
 Index("ix_public_addresses_project", public_addresses.c.project_id, public_addresses.c.family)
+
+# -- metering (migration 0004) ------------------------------------------------------------
+
+# One row per span of billable use: an instance from running until it stopped, a volume
+# from creation until its deletion was asked, a dedicated IPv4 from allocation to release.
+# Written in the same transaction as the change that starts or ends the use, so a restart
+# can neither lose nor repeat one. ``open`` is 1 while the span runs and NULL after: the
+# unique constraint allows one open span per subject (NULLs never collide).
+meter_intervals = Table(
+    "meter_intervals",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("meter", String(16), nullable=False),  # instance | volume | ipv4
+    Column("subject_id", String(80), nullable=False),
+    Column("subject_name", String(80), nullable=False),
+    Column("org_id", String(40), nullable=True),
+    Column("project_id", String(40), nullable=True),
+    Column("app_id", String(40), nullable=True),
+    Column("env_id", String(40), nullable=True),
+    Column("size", String(16), nullable=False),  # instance size; '' otherwise
+    # instance: cpu millis; volume: GB provisioned; ipv4: 1
+    Column("quantity", BigInteger, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=True),
+    Column("open", Integer, nullable=True),
+    UniqueConstraint("subject_id", "open", name="uq_meter_intervals_open"),
+)
+Index("ix_meter_intervals_org", meter_intervals.c.org_id, meter_intervals.c.started_ms)
+Index("ix_meter_intervals_subject", meter_intervals.c.subject_id)
+
+# Bytes the edge sent to clients, per node, endpoint and hour (ms of the hour's start).
+meter_egress = Table(
+    "meter_egress",
+    metadata,
+    Column("node_id", String(40), primary_key=True),
+    Column("endpoint_id", String(40), primary_key=True),
+    Column("hour_ms", BigInteger, primary_key=True),
+    Column("org_id", String(40), nullable=True),
+    Column("project_id", String(40), nullable=True),
+    Column("app_id", String(40), nullable=True),
+    Column("env_id", String(40), nullable=True),
+    Column("bytes", BigInteger, nullable=False),
+)
+Index("ix_meter_egress_org", meter_egress.c.org_id, meter_egress.c.hour_ms)
+
+# The last counter value each node's edge reported per endpoint, and the edge's epoch (a
+# fresh ID each time the edge starts, when its counters restart from 0): a report adds
+# only what is new since the last one, so a repeated report adds nothing.
+meter_counters = Table(
+    "meter_counters",
+    metadata,
+    Column("node_id", String(40), primary_key=True),
+    Column("endpoint_id", String(40), primary_key=True),
+    Column("epoch", String(40), nullable=False),
+    Column("bytes_out", BigInteger, nullable=False),
+)
+
+# Every price list that was in force, from when: invoices price each span of use with the
+# list in force at the time.
+price_lists = Table(
+    "price_lists",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("effective_ms", BigInteger, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("doc", JSON, nullable=False),
+)
