@@ -234,13 +234,17 @@ def main() -> None:
         "app.example.com",
         check=False,
     )
-    say("Coming next: several nodes and the terminal console.")
+    say("The web console: a terminal in your browser running `cove shell` as you")
+    cove("console", "--no-open")
+    say("Coming next: several nodes.")
     print(
         f"\ncove is still running (the demo registry has stopped; images stay cached on the "
         f"node). Try it yourself:\n  export COVE_HOME={HOME}\n"
         f"  export PATH={ROOT / '.venv' / 'bin'}:$PATH\n  cd {APP_DIR}\n"
         "  cove status; cove logs -f; cove exec -it --workload web -- sh\n"
         "  cove endpoints describe web   # addresses, backends, traffic counters\n"
+        "  cove console   # the same commands in a browser terminal\n"
+        f"    (sign in as {EMAIL}, password {PASSWORD})\n"
         "  cove down   # stop the control plane (instances keep running under their "
         "supervisors)"
     )

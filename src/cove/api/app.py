@@ -1107,6 +1107,15 @@ def _status(
     }
 
 
+def _with_cost(api: Api, res: dict[str, Any]) -> dict[str, Any]:
+    """An instance, volume or endpoint with ``status.cost``: what it costs per month, computed
+    on read at today's prices (list and describe show the same)."""
+    cost = billing.monthly_cost(api.prices, res)
+    if cost is not None:
+        res["status"] = dict(res["status"], cost=cost)
+    return res
+
+
 def _register_kind(
     app: FastAPI,
     api: Api,
@@ -1177,7 +1186,7 @@ def _register_kind(
                 after=after,
                 limit=limit,
             )
-            return {"items": items, "next": nxt, "revision": rev}
+            return {"items": [_with_cost(api, i) for i in items], "next": nxt, "revision": rev}
 
         return await run_in_threadpool(run)
 
@@ -1201,11 +1210,7 @@ def _register_kind(
                 if not looks_like_id(ref):
                     raise errors.NotFound(f"events are looked up by ID, not name ({ref!r})")
                 return store.event(ref, who.scope())
-            res = api.lookup(who, kind, ref, org, project, app_, env)
-            cost = billing.monthly_cost(api.prices, res)
-            if cost is not None:  # computed on read, at today's prices
-                res["status"] = dict(res["status"], cost=cost)
-            return res
+            return _with_cost(api, api.lookup(who, kind, ref, org, project, app_, env))
 
         return await run_in_threadpool(run)
 

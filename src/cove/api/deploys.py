@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import sqlalchemy as sa
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -64,6 +65,13 @@ class DeployBody(_Scoped):
         max_length=16,
         description="endpoints from cove.toml: created or changed with the release, never "
         "destroyed by a deploy",
+    )
+    region: str | None = Field(
+        default=None,
+        max_length=40,
+        pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="pin the environment to this region (one region, chosen explicitly; "
+        "'' unpins); left out: the pin stays as it is",
     )
 
 
@@ -179,6 +187,8 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
                                 hint=f"create it first: cove volumes create {m.volume} --size 1GB",
                                 code="volume_missing",
                             )
+                if body.region is not None and body.region != (env["spec"].get("region") or ""):
+                    env = _pin_region(tx, env, body.region)
                 bundle = _bundle(tx, env)
                 spec = {
                     "image": body.image,
@@ -560,13 +570,13 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
                     if placements.fresh_enough():  # no thread needed
                         now = placements.by_node
                     else:
-                        now = await run_in_threadpool(placements.current)
+                        now = await to_thread.run_sync(placements.current, limiter=reads)
                     if _fingerprint(now, node_id) != last[1]:
                         break
             # the shared view is behind (it is read at most every 0.2 s): look again soon
             behind = placements.revision < api.notifier.revision
             await api.notifier.wait(seen, min(0.25 if behind else 1.0, left))
-        return await run_in_threadpool(_assignments, node_id)
+        return await to_thread.run_sync(_assignments, node_id, limiter=reads)
 
     class _Placements:
         """Which instances and volumes are placed on each node, with their generations (a
@@ -613,6 +623,10 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
             return self.by_node
 
     placements = _Placements()
+    # the long-polls' reads have threads of their own: the API's shared pool can be full of
+    # requests waiting for the store's write lock (500 nodes heartbeating), and agents
+    # that cannot hear of their instances cannot report them either
+    reads = CapacityLimiter(8)
     # node -> (revision, fingerprint) of this server's last answer to it
     answered: dict[str, tuple[int, int]] = {}
 
@@ -898,6 +912,26 @@ def _secrets_ref(bundle: dict[str, Any] | None) -> dict[str, Any] | None:
     if bundle is None or not bundle["spec"].get("version"):
         return None
     return {"bundle": bundle["id"], "version": int(bundle["spec"]["version"])}
+
+
+def _pin_region(tx: Tx, env: dict[str, Any], region: str) -> dict[str, Any]:
+    """Pin the environment to *region* ('' unpins): a region some node is in."""
+    if region:
+        nodes = tx.conn.execute(
+            sa.select(t.resources.c.spec).where(t.resources.c.kind == "node")
+        ).scalars()
+        regions = sorted({str((spec or {}).get("region") or "local") for spec in nodes})
+        if region not in regions:
+            raise errors.UserError(
+                f"no node is in region {region!r} (nodes are in: {', '.join(regions) or 'none'})",
+                hint="pick one of those regions, or join a node there: cove agent --region "
+                f"{region}; placing in several regions is not in v1",
+                code="unknown_region",
+            )
+    new = tx.update(env["id"], spec=dict(env["spec"], region=region or None))
+    what = f"pinned to region {region}" if region else "no longer pinned to a region"
+    tx.event(new, "Normal", "RegionPinned" if region else "RegionUnpinned", what)
+    return new
 
 
 def env_project(tx: Tx, env: dict[str, Any]) -> str:

@@ -59,7 +59,17 @@ def load_app(
     for wname, w in (doc.get("workloads") or {}).items():
         if isinstance(w, dict):
             _deferred_keys(f"cove.toml [workloads.{wname}]", w)
-    known = {"app", "org", "project", "env", "image", "workloads", "variables", "endpoints"}
+    known = {
+        "app",
+        "org",
+        "project",
+        "env",
+        "image",
+        "workloads",
+        "variables",
+        "endpoints",
+        "region",
+    }
     unknown = sorted(set(doc) - known)
     if unknown:
         raise errors.UserError(
@@ -176,6 +186,14 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
             typer.Option("--image", "-i", help="host/repo:tag, …@sha256:…, oci:DIR[:tag], …"),
         ] = None,
         description: Annotated[str, typer.Option("--description", help="why")] = "",
+        region: Annotated[
+            str | None,
+            typer.Option(
+                "--region",
+                help="pin the environment to this region (or region = ... in cove.toml; "
+                "'' unpins); one region, chosen explicitly",
+            ),
+        ] = None,
         detach: DetachOpt = False,
         timeout: TimeoutOpt = "10m",
         org: OrgOpt = None,
@@ -193,6 +211,11 @@ def register(app: typer.Typer, secrets_group: typer.Typer) -> None:
         since = _head(client)
         body = dict(sc, image=ref, workloads=workloads, variables=variables)
         body.update(description=description, endpoints=endpoints)
+        pin = region if region is not None else config.app_toml().get("region")
+        if pin is not None:
+            if not isinstance(pin, str):
+                raise errors.UserError('cove.toml: region is a string, e.g. region = "eu"')
+            body["region"] = pin
         rec = client.post("/v1/deploys", body)
         rec["_since"] = since
         _after(client, rec, sc, detach, timeout, fmt)

@@ -355,6 +355,8 @@ class Scheduler:
                 tx.update(ins["id"], status=st0)
                 tx.event(ins, "Warning", "FailedScheduling", refusal)
             return 10.0
+        env = tx.get(env_id) if env_id else None
+        region = (env or {}).get("spec", {}).get("region") or None
         pinned = {v["spec"].get("node") for v in volumes if v["spec"].get("node")}
         if len(pinned) > 1:
             nodes = []
@@ -368,6 +370,10 @@ class Scheduler:
         candidates: list[tuple[tuple[int, int], dict[str, Any], str]] = []
         for n in nodes:
             label = f"node {n['name']}"
+            in_region = n["spec"].get("region") or "local"
+            if region and in_region != region:
+                reasons.append(f"{label} is in region {in_region}, not {region}")
+                continue
             if not _ready(n):
                 reasons.append(f"{label} is not Ready")
                 continue
@@ -396,6 +402,8 @@ class Scheduler:
             same = view.same(ins["parent"]["id"], n["id"])
             free = mem_total - mem_used - want_mem
             why = f"{same} other instance(s) of this workload there, {free} MiB left after"
+            if region:
+                why += f"; the environment is pinned to region {region}"
             candidates.append(((same, -free), n, why))
         st = dict(ins["status"])
         if not candidates:

@@ -158,6 +158,12 @@ def placement_refusal(tx: Tx, ins: dict[str, Any]) -> str | None:
     if project is None:
         return None
     quota = limits(project)
+    placing = ("instances", "vcpu", "memory_mb")
+    desired = project_use(tx, row["project_id"])
+    if all(desired.get(d) <= quota[d] for d in placing):
+        # the placed instances of current releases never exceed what is desired (extra
+        # ones are stopped, evicted ones don't count): within the quota, nothing to count
+        return None
     current = {
         env["id"]: env["spec"].get("release")
         for env in _project_rows(tx, row["project_id"], "environment")
@@ -180,7 +186,7 @@ def placement_refusal(tx: Tx, ins: dict[str, Any]) -> str | None:
         memory_mb=int(ins["spec"].get("memory_mb", 256)),
     )
     after = placed + this
-    for dim in ("instances", "vcpu", "memory_mb"):
+    for dim in placing:
         if after.get(dim) > quota[dim]:
             return (
                 f"project {project['name']} would have {after.get(dim):g} {UNITS[dim]} placed; "
