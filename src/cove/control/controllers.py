@@ -292,13 +292,12 @@ def _unreachable(tx: Tx, node_id: str, since: str | None) -> None:
     from cove.store import schema as t
     from cove.store.db import resource_from_row
 
+    c = t.resources.c
     rows = tx.conn.execute(
-        sa.select(t.resources).where(t.resources.c.kind == "instance")
+        sa.select(t.resources).where(c.kind == "instance", c.spec["node"].as_string() == node_id)
     ).mappings()
     for r in rows:
         ins = resource_from_row(r)
-        if ins["spec"].get("node") != node_id:
-            continue
         st = dict(ins["status"])
         if since is None and "unreachable_since" in st:
             st.pop("unreachable_since")
