@@ -400,7 +400,8 @@ def test_the_price_list_in_force_prices_each_span(store: Store, clock: Clock) ->
         assert ok(api.get("/v1/pricing"))["ipv4_month"] == "2.00"
     clock.advance(3600)
     with TestClient(create_app(store, prices=dear)) as api:  # the server restarts, new prices
-        assert ok(api.get("/v1/pricing"))["ipv4_month"] == "7.30"
+        doc = ok(api.get("/v1/pricing"))
+        assert (doc["ipv4_month"], doc["effective_from"]) == ("7.30", "2026-11-10T01:00:00.000Z")
         clock.advance(3600)
         ok(api.delete(f"/v1/endpoints/{ep['resource']['id']}", headers=u.headers), 202)
         settle(store)

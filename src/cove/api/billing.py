@@ -301,11 +301,12 @@ def register(app: FastAPI, api: Any, prices: PriceList) -> None:
         """What cove charges (server config; docs/billing.md). Money is exact decimal."""
 
         def run() -> dict[str, Any]:
-            per = price_periods()
-            cur = per[-1]
+            with store.read() as conn:
+                lists = meter.price_lists(conn)
+            cur = periods(lists, prices)[-1]
             return {
                 **cur.prices.to_doc(),
-                "effective_from": iso_ms(cur.start_ms) if cur.start_ms else None,
+                "effective_from": iso_ms(lists[-1][0]) if lists else None,
                 "hours_per_month": pricing.HOURS_PER_MONTH,
                 "items": cur.prices.table(),
             }
