@@ -126,6 +126,8 @@ def _cell(res: dict[str, Any], col: str) -> Text | str:
         return str(res["spec"].get("reason") or "-")
     if col == "driver":
         return str(res["status"].get("driver") or "-")
+    if col == "region":  # a node's region; the region an environment is pinned to
+        return str(res["spec"].get("region") or "-")
     if col == "action":
         return str(res["spec"].get("action", "-"))
     if col == "target":

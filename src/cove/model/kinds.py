@@ -73,7 +73,7 @@ KINDS: tuple[Kind, ...] = (
         "an app's environment: desired release and scale",
         mutable=True,
         aliases=("envs", "env"),
-        columns=("name", "id", "release", "ready", "caught_up", "age"),
+        columns=("name", "id", "release", "region", "ready", "caught_up", "age"),
     ),
     Kind(
         "release",
@@ -140,7 +140,7 @@ KINDS: tuple[Kind, ...] = (
         "a host running a cove agent",
         scope="cluster",
         mutable=True,
-        columns=("name", "id", "driver", "ready", "age"),
+        columns=("name", "id", "region", "driver", "ready", "age"),
     ),
     Kind(
         "operation",
