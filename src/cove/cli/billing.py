@@ -13,8 +13,9 @@ from cove import errors
 from cove.cli import output
 from cove.cli.common import ApiUrlOpt, AppOpt, OrgOpt, ProjectOpt, session
 from cove.cli.output import Format, OutputOpt
+from cove.model.specs import Quotas
 
-QUOTA_DIMENSIONS = ("instances", "vcpu", "memory_mb", "volume_gb", "dedicated_ipv4")
+QUOTA_DIMENSIONS = tuple(Quotas.model_fields)  # the project spec's quota fields
 
 
 def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:

@@ -116,16 +116,16 @@ def sync_addresses(tx: Tx, pools: Pools, endpoint: dict[str, Any]) -> dict[str, 
             )
         ).scalar_one()
         if used >= quota and project is not None:
-            err = quotas.exceeded(
+            raise quotas.exceeded(
                 project,
                 "dedicated_ipv4",
                 quota,
                 used,
                 used + 1,
                 f"endpoint {endpoint['name']} with a dedicated IPv4",
+                instead="every endpoint has its own IPv6 address without --ipv4; or destroy "
+                "an IPv4 endpoint you no longer need",
             )
-            err.hint = "every endpoint has its own IPv6 address without --ipv4; " + (err.hint or "")
-            raise err
         taken = {
             str(a)
             for (a,) in tx.conn.execute(

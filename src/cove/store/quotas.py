@@ -21,11 +21,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from cove import errors
+from cove.model.specs import Quotas
 from cove.model.workload import SIZES
 from cove.store import schema as t
 from cove.store.db import Tx, resource_from_row
 
-DIMENSIONS = ("instances", "vcpu", "memory_mb", "volume_gb", "dedicated_ipv4")
+DIMENSIONS = tuple(Quotas.model_fields)  # instances, vcpu, memory_mb, volume_gb, dedicated_ipv4
 UNITS = {
     "instances": "instance(s)",
     "vcpu": "vCPU",
@@ -114,8 +115,6 @@ def project_use(
 
 
 def limits(project: dict[str, Any]) -> dict[str, int]:
-    from cove.model.specs import Quotas
-
     q = Quotas.model_validate((project.get("spec") or {}).get("quotas") or {})
     return q.model_dump()
 
@@ -134,15 +133,21 @@ def check(tx: Tx, project_id: str, before: Use, after: Use, what: str) -> None:
 
 
 def exceeded(
-    project: dict[str, Any], dim: str, cap: int, had: float, want: float, what: str
+    project: dict[str, Any],
+    dim: str,
+    cap: int,
+    had: float,
+    want: float,
+    what: str,
+    *,
+    instead: str = "ask for less (scale down, a smaller size, or remove what you no longer need)",
 ) -> errors.CoveError:
     name = project["name"]
     unit = UNITS[dim]
     return errors.UserError(
         f"{what} needs {want:g} {unit} in project {name}; its {dim} quota is {cap:g} "
         f"({had:g} in use before this change)",
-        hint=f"ask for less (scale down, a smaller size, or remove what you no longer "
-        f"need), or have an org owner raise it: cove projects quotas {name} "
+        hint=f"{instead}, or have an org owner raise it: cove projects quotas {name} "
         f"--set {dim}={int(want) if want == int(want) else want}",
         code="quota_exceeded",
         extra={"quota": {"dimension": dim, "limit": cap, "in_use": had, "requested": want}},
