@@ -92,9 +92,11 @@ def serve(
     pools: Pools | None = None,
     unix_socket: Path | None = None,
     prices: PriceList | None = None,
+    node_timing: tuple[float, float] | None = None,
 ) -> None:
     """Serve the API on ``host:port`` (and on ``unix_socket`` when given: agents in other
-    network namespaces reach the server through the file system) and run the controllers."""
+    network namespaces reach the server through the file system) and run the controllers
+    (``node_timing``: the NodeController's grace and eviction delay, in seconds)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(data_dir))
     store.migrate()
@@ -154,7 +156,9 @@ def serve(
                 if controllers:
                     ctl = tg.create_task(
                         leadership.run(
-                            lambda: Manager(store, foundation_controllers(store), notifier).run()
+                            lambda fenced: Manager(
+                                fenced, foundation_controllers(fenced, node_timing), notifier
+                            ).run()
                         )
                     )
                 await serving

@@ -128,8 +128,16 @@ class Api:
     """Direct HTTP calls for setup; raises on any error status."""
 
     def __init__(self, url: str, token: str | None = None) -> None:
+        from cove.client.http import unix_path
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=30)
+        uds = unix_path(url)  # unix:/path/api.sock
+        self.http = httpx.Client(
+            base_url="http://cove" if uds else url,
+            headers=headers,
+            timeout=30,
+            transport=httpx.HTTPTransport(uds=uds) if uds else None,
+        )
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         resp = self.http.request(

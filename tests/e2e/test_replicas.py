@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,51 @@ def _cluster_doc(url: str, token: str) -> dict[str, Any] | None:
         api.close()
 
 
+def start_replicas(
+    home: Path,
+    procs: dict[str, subprocess.Popen[bytes]],
+    env: dict[str, str],
+    command: Callable[[str, Path], list[str]],
+) -> dict[str, str]:
+    """Start replicas a and b (``command(name, url_file)``, logs in ``home/logs``), a first
+    and until it holds the controller lease; their URLs by name."""
+    urls: dict[str, str] = {}
+    for name in ("a", "b"):
+        url_file = home / "run" / f"{name}.url"
+        procs[name] = _start(
+            command(name, url_file), home, home / "logs" / f"server-{name}.log", env
+        )
+        urls[name] = wait_for(
+            partial(_url_of, url_file), timeout=30, what=f"replica {name} to listen"
+        )
+        if name == "a":
+            wait_for(
+                lambda: "this replica" in (home / "logs" / "server-a.log").read_text() or None,
+                timeout=30,
+                what="replica a to take the controller lease",
+            )
+    return urls
+
+
+def sign_up_operator(home: Path, url: str) -> tuple[str, str, str]:
+    """Sign up an operator (CLI config in *home*) with an org and a project: (org, project,
+    token)."""
+    email, org, project = f"{uniq('ops')}@example.com", uniq("org"), uniq("prj")
+    r = run_cove(
+        ["auth", "signup", "--email", email, "--password", PASSWORD, "--org", org],
+        home=home,
+        env={"COVE_API_URL": url},
+    )
+    assert r.code == 0, str(r)
+    token = json.loads((home / "config.json").read_text())["token"]
+    api = Api(url, token)
+    try:
+        api.create("projects", project, org=org)
+    finally:
+        api.close()
+    return org, project, token
+
+
 class Replicas(Cluster):
     servers: dict[str, subprocess.Popen[bytes]]
     urls: dict[str, str]
@@ -80,35 +125,11 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     env = {"COVE_DATABASE_URL": db_url, "COVE_LOCAL_IMAGES": "1"}
     try:
-        urls: dict[str, str] = {}
-        for name in ("a", "b"):  # a starts first: it takes the lease
-            url_file = home / "run" / f"{name}.url"
-            procs[name] = _start(
-                [str(COVE), "server", "--port", "0", "--url-file", str(url_file)],
-                home,
-                home / "logs" / f"server-{name}.log",
-                env,
-            )
-            urls[name] = wait_for(
-                partial(_url_of, url_file), timeout=30, what=f"replica {name} to listen"
-            )
-            if name == "a":
-                wait_for(
-                    lambda: "this replica" in (home / "logs" / "server-a.log").read_text() or None,
-                    timeout=30,
-                    what="replica a to take the controller lease",
-                )
-        email, org, project = f"{uniq('ops')}@example.com", uniq("org"), uniq("prj")
-        r = run_cove(
-            ["auth", "signup", "--email", email, "--password", PASSWORD, "--org", org],
-            home=home,
-            env={"COVE_API_URL": urls["b"]},
-        )
-        assert r.code == 0, str(r)
-        token = json.loads((home / "config.json").read_text())["token"]
-        api = Api(urls["b"], token)
-        api.create("projects", project, org=org)
-        api.close()
+        urls = start_replicas(
+            home, procs, env, lambda name, url_file: [str(COVE), "server", "--port", "0",
+                                                      "--url-file", str(url_file)]
+        )  # fmt: skip
+        org, project, token = sign_up_operator(home, urls["b"])
         procs["agent"] = _start(
             [
                 str(COVE), "agent", "--server", urls["b"], "--name", f"rep-{tag}",

@@ -269,14 +269,8 @@ def test_restarts_and_lost_nodes_neither_lose_nor_repeat_usage(
     node = get(w.api, w.user, f"/v1/nodes/{w.node_id}")
     last = meter.ms_of(node["status"]["last_heartbeat"])
     assert last is not None
-    with store.write() as tx:
-        n = tx.get(w.node_id)
-        assert n is not None
-        past = datetime.fromtimestamp(last / 1000 - NODE_GRACE - 5, UTC)
-        tx.update(
-            w.node_id,
-            status=dict(n["status"], last_heartbeat=past.isoformat().replace("+00:00", "Z")),
-        )
+    past = datetime.fromtimestamp(last / 1000 - NODE_GRACE - 5, UTC)
+    store.heartbeat(w.node_id, at=past.isoformat().replace("+00:00", "Z"))
     settle(store)
     with store.read() as conn:
         rows = conn.execute(sa.select(t.meter_intervals)).mappings().all()

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cove.control.lease import FileLease, Leadership, PgLease, Replica, leader_doc, lease_for
+from cove import errors
+from cove.control.lease import (
+    TERM_SETTING,
+    FileLease,
+    Leadership,
+    PgLease,
+    Replica,
+    leader_doc,
+    lease_for,
+)
 from cove.store import Store
 
 
@@ -97,7 +106,8 @@ def test_leadership_moves_when_the_leader_goes(store: Store, tmp_path: Path) -> 
     both = threading.Event()
 
     def work(name: str):  # type: ignore[no-untyped-def]
-        async def run() -> None:
+        async def run(fenced: Store) -> None:
+            assert fenced.url == store.url
             running[name] = True
             if all(running.values()):
                 both.set()
@@ -143,6 +153,35 @@ def test_leadership_moves_when_the_leader_goes(store: Store, tmp_path: Path) -> 
     try:
         took = asyncio.run(main())
         print(f"\ntakeover after {took:.2f}s ({store.dialect})")
+    finally:
+        b_store.close()
+
+
+def test_a_deposed_leader_can_no_longer_write(store: Store, tmp_path: Path) -> None:
+    """Fencing: the new leader's term shuts the old leader's controller writes out, whatever
+    the old one believes; the API's own writes are not fenced."""
+    a_store, b_store = _replica_pair(store, tmp_path)
+    try:
+        term_a = Leadership(a_store, lease_for(a_store, tmp_path), Replica("a"))._record()
+        old = a_store.fenced(TERM_SETTING, term_a)
+        with old.write() as tx:
+            tx.create("org", "acme", spec={})
+        term_b = Leadership(b_store, lease_for(b_store, tmp_path), Replica("b"))._record()
+        assert int(term_b) == int(term_a) + 1
+        assert (leader_doc(a_store) or {}).get("term") == int(term_b)
+        before = store.head_revision()
+        with pytest.raises(errors.Transient, match="fenced") as exc, old.write() as tx:
+            tx.create("org", "late", spec={})
+        assert exc.value.code == "fenced"
+        assert store.head_revision() == before
+        with store.read() as conn:
+            from cove.store.db import Tx
+
+            assert Tx(conn).find("org", None, "late") is None
+        with b_store.fenced(TERM_SETTING, term_b).write() as tx:
+            tx.create("org", "late", spec={})
+        with a_store.write() as tx:  # an API write on the old leader's replica
+            tx.create("org", "api", spec={})
     finally:
         b_store.close()
 

@@ -53,10 +53,7 @@ class World:
         """The node's last heartbeat was *seconds* ago."""
         node_id, _ = self.nodes[name]
         at = (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
-        with self.store.write() as tx:
-            node = tx.get(node_id)
-            assert node is not None
-            tx.update(node_id, status=dict(node["status"], last_heartbeat=at))
+        self.store.heartbeat(node_id, at=at)
 
     def deploy(self, count: int, mounts: list[dict[str, str]] | None = None) -> None:
         env = get(self.api, self.user, "/v1/environments/prod", **SCOPE)

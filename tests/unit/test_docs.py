@@ -45,7 +45,6 @@ KNOWN_UNDOCUMENTED_ROUTES = {
     ("GET", "/v1/auth/whoami"),
     ("DELETE", "/v1/tokens/{token_id}"),
     ("GET", "/v1/orgs/{ref}/members"),
-    ("POST", "/v1/nodes/{node_id}/heartbeat"),
 }
 
 

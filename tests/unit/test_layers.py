@@ -22,6 +22,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "cove.errors",
         "cove.ids",
         "cove.net.pools",  # a leaf: address pools, no sockets
+        "cove.net.subnets",  # a leaf: instance subnets, no sockets
     ),
     "api": (
         "cove.api",
@@ -34,6 +35,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "cove.image",  # the control plane pins image references to digests at deploy time
         "cove.__version__",
         "cove.net.pools",
+        "cove.net.subnets",
         # endpoint addresses are allocated in the API's own write transaction (a refused
         # quota writes nothing); the functions live beside the endpoint controller
         "cove.control.endpoints",

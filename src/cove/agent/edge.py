@@ -1,10 +1,11 @@
 """The node's edge: keep ``cove.net.edge.Edge`` bound to what the API says this node serves.
 
 Long-polls ``GET /v1/nodes/{id}/edge`` (answered when the configuration's digest changes),
-makes the public pools local (an AnyIP ``local`` route on ``lo``, so any pool address can be
-bound and answered), applies the listeners, and reports what is bound, what failed and the
-traffic counters (``PUT /v1/nodes/{id}/edge``): at once after every change, and every
-``REPORT_SECONDS`` while traffic moves.
+routes the other nodes' instance subnets via their addresses (``agent.network.apply_routes``:
+backends may run on any node), makes the public pools local (an AnyIP ``local`` route on
+``lo``, so any pool address can be bound and answered), applies the listeners, and reports
+what is bound, what failed and the traffic counters (``PUT /v1/nodes/{id}/edge``): at once
+after every change, and every ``REPORT_SECONDS`` while traffic moves.
 
 Draining: before an instance is stopped, ``drain`` waits until this edge no longer routes
 new connections to it, then (up to a deadline) for its open connections to finish.
@@ -25,7 +26,9 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 from cove import errors
+from cove.agent.network import apply_routes
 from cove.client import AsyncClient
+from cove.client.http import unless_reconnected
 from cove.net.edge import Backend, BindError, Counters, Edge, Listener
 
 T = TypeVar("T")
@@ -155,9 +158,11 @@ class EdgeRunner:
         self._sent: Any = None
         self._local: set[str] = set()
         self._endpoints: set[str] = set()
+        self._routes: dict[str, str] = {}
         self._owner: dict[tuple[str, str, int], str] = {}
         # the counters count from 0 in each edge: the server meters egress per epoch
         self.epoch = secrets.token_hex(8)
+        self.reconnected = asyncio.Event()  # the agent's heartbeats got through again
 
     async def run(self) -> None:
         try:
@@ -169,18 +174,27 @@ class EdgeRunner:
             if self._local:
                 with contextlib.suppress(Exception):
                     await make_local(self._local, remove=True)
+            if self._routes:
+                with contextlib.suppress(Exception):
+                    await apply_routes([])
 
     async def _follow(self) -> None:
         etag = ""
         while True:
             try:
-                cfg = await self.client.get(
-                    f"/v1/nodes/{self.node_id}/edge", etag=etag, wait=25, timeout=60
+                got = await unless_reconnected(
+                    self.client.get(
+                        f"/v1/nodes/{self.node_id}/edge", etag=etag, wait=25, timeout=60
+                    ),
+                    self.reconnected,
                 )
             except errors.CoveError as exc:
                 log.warning("can't fetch the edge configuration: %s", exc.detail)
                 await asyncio.sleep(1.0)
                 continue
+            if got is None:
+                continue
+            cfg: dict[str, Any] = got
             try:
                 await self.apply(cfg)
             except errors.CoveError as exc:
@@ -195,6 +209,9 @@ class EdgeRunner:
             await self.report()
 
     async def apply(self, cfg: dict[str, Any]) -> None:
+        routes = list(cfg.get("routes") or [])
+        if routes or self._routes:  # first: backends on other nodes must be reachable
+            self._routes = await apply_routes(routes)
         pools = [p for p in (cfg.get("pools") or {}).values() if p]
         ls = listeners(cfg)
         if ls and set(pools) != self._local:  # a node that serves nothing changes nothing

@@ -35,13 +35,17 @@ def _connect(server: str, path: str, **kwargs: Any) -> connect:
     return connect(_ws_url(server, path), **kwargs)
 
 
-async def channel(server: str, token: str, node_id: str, driver: Any) -> None:
-    """Keep the control channel open (reconnecting) and serve exec requests."""
+async def channel(servers: list[str], token: str, node_id: str, driver: Any) -> None:
+    """Keep the control channel open (reconnecting, to the next of *servers* - the
+    replicas' URLs - each time) and serve exec requests."""
     headers = {"Authorization": f"Bearer {token}"}
     path = f"/v1/nodes/{node_id}/channel"
     sessions: set[asyncio.Task[None]] = set()
     delay = 0.5
+    turn = 0
     while True:
+        server = servers[turn % len(servers)]
+        turn += 1
         try:
             async with _connect(server, path, additional_headers=headers, ping_interval=20) as ws:
                 delay = 0.5

@@ -28,6 +28,7 @@ from cove.agent.instance import InstanceWorker, NodeContext
 from cove.agent.network import AddressPool
 from cove.agent.volumes import Volumes
 from cove.client import AsyncClient
+from cove.client.http import unless_reconnected
 
 if TYPE_CHECKING:
     from cove.runtime.microvm.driver import MicroVMDriver
@@ -172,8 +173,12 @@ class Agent:
         bridge: str = "cove0",
         pool4: str = "10.213.0.0/24",
         pool6: str = "fd00:c0e:0:1::/64",
+        fixed_network: bool = False,
+        address: str | None = None,
     ) -> None:
         self.server = server
+        self.fixed_network = fixed_network
+        self.address = address
         self.join_token = join_token
         self.name = name or default_name()
         self.region = region
@@ -183,16 +188,57 @@ class Agent:
         self.pool4, self.pool6 = pool4, pool6
         self.workers: dict[str, InstanceWorker] = {}
         self.stopping = asyncio.Event()
+        self.reconnected = asyncio.Event()  # set when heartbeats get through again
+
+    def _network_proposal(self, driver_name: str) -> dict[str, Any] | None:
+        """The instance subnets this node proposes and its address for the other nodes
+        (the sim driver has no network: its fixed pools are only reported)."""
+        if driver_name == "sim":
+            return None
+        address = self.address if self.address is not None else node_address(self.server)
+        return {
+            "ipv4": self.pool4,
+            "ipv6": self.pool6,
+            "fixed": self.fixed_network,
+            "address": address or None,
+        }
+
+    def _take_network(self, got: dict[str, Any] | None, adopted: bool) -> None:
+        """Use the subnets the server gave this node (another node may have had ours)."""
+        if not got or (got["ipv4"], got["ipv6"]) == (self.pool4, self.pool6):
+            return
+        log.warning(
+            "instance subnet %s / %s belongs to another node: this node takes %s / %s",
+            self.pool4,
+            self.pool6,
+            got["ipv4"],
+            got["ipv6"],
+        )
+        if adopted:
+            log.error(
+                "instances adopted from before keep their old addresses; redeploy them "
+                "(or start this agent with --pool4/--pool6 set to the old subnets)"
+            )
+        self.pool4, self.pool6 = str(got["ipv4"]), str(got["ipv6"])
+        save_network(self.state_dir, (self.bridge, self.pool4, self.pool6))
 
     async def _register(
         self, driver_name: str, detail: str, accel: str | None
-    ) -> tuple[str, str] | None:
+    ) -> dict[str, Any] | None:
         delay = 0.5
         client = AsyncClient(self.server)
+        network = self._network_proposal(driver_name)
+        if network is not None:
+            log.info(
+                "instance subnets %s / %s; other nodes reach this one at %s",
+                self.pool4,
+                self.pool6,
+                network["address"] or "(no address: a one-host cluster)",
+            )
         try:
             while not self.stopping.is_set():
                 try:
-                    res = await client.post(
+                    res: dict[str, Any] = await client.post(
                         "/v1/nodes/register",
                         {
                             "name": self.name,
@@ -203,13 +249,17 @@ class Agent:
                             "driver_detail": detail,
                             "accel": accel,
                             "version": __version__,
+                            "network": network,
                         },
                     )
-                    return str(res["node"]["id"]), str(res["token"])
+                    return res
                 except errors.Unauthenticated as exc:
                     log.error("the server refused the join token: %s", exc.detail)
                     return None
                 except errors.CoveError as exc:
+                    if exc.code == "subnet_taken":  # the operator's --pool4/--pool6: fix by hand
+                        log.error("can't join: %s (%s)", exc.detail, exc.hint)
+                        return None
                     log.warning("can't register yet (%s); retrying in %.1fs", exc.detail, delay)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stopping.wait(), delay)
@@ -228,10 +278,16 @@ class Agent:
         else:
             log.info("runtime driver: %s (%s)", driver_name, detail)
         accel = getattr(driver, "accel_name", None)
+        adopted: set[str] = set()
+        if driver is not None:
+            adopted = set(await driver.adopt())
+            if adopted:
+                log.info("adopted %d running instance(s): %s", len(adopted), sorted(adopted))
         reg = await self._register(driver_name, detail, accel)
         if reg is None:
             return
-        node_id, token = reg
+        node_id, token = str(reg["node"]["id"]), str(reg["token"])
+        self._take_network(reg.get("network"), bool(adopted))
         log.info("node %s (%s) registered with %s", self.name, node_id, self.server)
         client = AsyncClient(self.server, token, timeout=90.0)
         ctx = NodeContext(
@@ -244,16 +300,11 @@ class Agent:
             volumes=Volumes(self.state_dir / "volumes"),
             edge=EdgeRunner(client, node_id),
         )
-        adopted: set[str] = set()
-        if driver is not None:
-            adopted = set(await driver.adopt())
-            if adopted:
-                log.info("adopted %d running instance(s): %s", len(adopted), sorted(adopted))
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._heartbeat(client, node_id))
+                tg.create_task(self._heartbeat(client, node_id, ctx.edge))
                 if driver is not None:
-                    tg.create_task(execs.channel(self.server, token, node_id, driver))
+                    tg.create_task(execs.channel(client.urls, token, node_id, driver))
                 tg.create_task(self._assignments(ctx, adopted, tg))
                 tg.create_task(ctx.edge.run())
                 await self.stopping.wait()
@@ -266,15 +317,30 @@ class Agent:
             await client.aclose()
             log.info("agent stopped (instances keep running under their supervisors)")
 
-    async def _heartbeat(self, client: AsyncClient, node_id: str) -> None:
+    async def _heartbeat(self, client: AsyncClient, node_id: str, edge: EdgeRunner) -> None:
+        failing = False
         while True:
             try:
-                await client.post(f"/v1/nodes/{node_id}/heartbeat", {"capacity": capacity()})
+                await client.request(
+                    "POST",
+                    f"/v1/nodes/{node_id}/heartbeat",
+                    json_body={"capacity": capacity()},
+                    timeout=2 * HEARTBEAT_SECONDS,  # a lost link must not hold it for long
+                )
+                if failing:
+                    # back from a partition: the long-polls in flight may hang on a dead
+                    # connection until their timeout; ask again now (the server may have
+                    # replaced this node's instances meanwhile: they must stop at once)
+                    log.info("the server answers again: fetching assignments anew")
+                    self.reconnected.set()
+                    edge.reconnected.set()
+                failing = False
             except errors.Unauthenticated:
                 log.error("node credentials refused (another agent registered this node?)")
                 self.stopping.set()
                 return
             except errors.CoveError as exc:
+                failing = True
                 log.warning("heartbeat failed: %s", exc.detail)
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
@@ -284,9 +350,14 @@ class Agent:
         since = 0
         while True:
             try:
-                data = await ctx.client.get(
-                    f"/v1/nodes/{ctx.node_id}/assignments", since=since, wait=25, timeout=60
+                data = await unless_reconnected(
+                    ctx.client.get(
+                        f"/v1/nodes/{ctx.node_id}/assignments", since=since, wait=25, timeout=60
+                    ),
+                    self.reconnected,
                 )
+                if data is None:
+                    continue
             except errors.CoveError as exc:
                 log.warning("can't fetch assignments: %s", exc.detail)
                 await asyncio.sleep(1.0)
@@ -368,9 +439,41 @@ def default_network(state_dir: Path, driver: str = "auto") -> tuple[str, str, st
         16 + start,
     )
     net = (f"cv{h[1:5].hex()}", f"10.213.{third}.0/24", f"fd00:c0e:{third:x}:{h[6]:x}::/64")
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(dict(zip(("bridge", "pool4", "pool6"), net, strict=True))))
+    save_network(state_dir, net)
     return net
+
+
+def save_network(state_dir: Path, net: tuple[str, str, str]) -> None:
+    import json
+
+    saved = state_dir / "net" / "network.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(zip(("bridge", "pool4", "pool6"), net, strict=True))))
+    os.replace(tmp, saved)
+
+
+def node_address(server: str) -> str | None:
+    """The address this host reaches the server from: the one other nodes (on the same
+    link) reach it at. None over a unix socket or loopback: a one-host cluster."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    server = server.split(",")[0].strip()  # the first replica's URL
+    host = urlsplit(server).hostname
+    if server.startswith("unix:") or not host:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, 9, proto=socket.IPPROTO_UDP)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)  # UDP: picks the route and source address, sends nothing
+            ip = ipaddress.ip_address(s.getsockname()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    if ip.is_loopback or ip.is_unspecified or ip.is_link_local:
+        return None
+    return str(ip)
 
 
 def run_agent(
@@ -382,6 +485,8 @@ def run_agent(
     state_dir: Path,
     driver: str = "auto",
     network: tuple[str, str, str] | None = None,
+    fixed_network: bool = False,
+    address: str | None = None,
 ) -> None:
     bridge, pool4, pool6 = network or default_network(state_dir, driver)
     agent = Agent(
@@ -394,6 +499,8 @@ def run_agent(
         bridge=bridge,
         pool4=pool4,
         pool6=pool6,
+        fixed_network=fixed_network,
+        address=address,
     )
 
     async def main() -> None:

@@ -1,14 +1,19 @@
 """Private addresses for instances on this node's bridge: one IPv4 and one IPv6 each,
-allocated from the node's pools and remembered on disk, so an agent restart keeps them."""
+allocated from the node's pools and remembered on disk, so an agent restart keeps them; and
+the routes to the other nodes' instance subnets (host-gw: every node routes each other
+node's subnet via that node's address, so the nodes share one link)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 from pathlib import Path
 
 from cove import errors
+
+log = logging.getLogger("cove.agent.network")
 
 
 class AddressPool:
@@ -74,3 +79,43 @@ class AddressPool:
         doc = self._load()
         if doc.pop(instance_id, None) is not None:
             self._save(doc)
+
+
+# -- routes to the other nodes' instances (host-gw) ------------------------------------------
+
+ROUTE_PROTO = 163  # marks the routes this agent owns (``ip route show proto 163``)
+FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+async def apply_routes(wanted: list[dict[str, str]]) -> dict[str, str]:
+    """Make this host's routes to other nodes' instance subnets exactly *wanted*
+    (``{"subnet", "via"}`` each): ``ip route replace SUBNET via ADDRESS proto 163``, and the
+    routes of that protocol that are no longer wanted removed. Other nodes then reach this
+    node's instances through it, so IPv4 forwarding is turned on while there are peers.
+    Returns {subnet: via} as applied."""
+    from cove.runtime.network import _ipr
+
+    want = {r["subnet"]: r["via"] for r in wanted}
+    if want and FORWARDING.read_text().strip() != "1":
+        FORWARDING.write_text("1\n")
+        log.info("turned on IPv4 forwarding: other nodes reach this node's instances through it")
+    async with _ipr(None) as ipr:
+        have: dict[str, str] = {}
+        async for r in await ipr.route("dump", family=2, proto=ROUTE_PROTO):
+            if r.get("table") == 254 and r.get("dst"):
+                have[f"{r.get('dst')}/{r['dst_len']}"] = str(r.get("gateway"))
+        for subnet, via in have.items():
+            if want.get(subnet) != via:
+                try:
+                    await ipr.route("del", dst=subnet, proto=ROUTE_PROTO, family=2)
+                except Exception as exc:  # NetlinkError: already gone
+                    log.debug("route to %s: %s", subnet, exc)
+        for subnet, via in want.items():
+            if have.get(subnet) == via:
+                continue
+            try:
+                await ipr.route("replace", dst=subnet, gateway=via, proto=ROUTE_PROTO, family=2)
+            except Exception as exc:  # NetlinkError: e.g. the gateway is not on a link here
+                raise errors.Transient(f"can't route {subnet} via {via}: {exc}") from exc
+            log.info("route to the instances of another node: %s via %s", subnet, via)
+    return want

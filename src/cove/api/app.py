@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -179,6 +180,36 @@ class MemberBody(_Body):
     role: str = Field(default="member", max_length=32)
 
 
+class NodeNetworkBody(_Body):
+    """The instance subnets the agent proposes and the address other nodes reach it at."""
+
+    ipv4: str = Field(max_length=64, description="IPv4 instance subnet, e.g. 10.213.20.0/24")
+    ipv6: str = Field(max_length=64, description="IPv6 instance subnet, e.g. fd00:c0e:14::/64")
+    fixed: bool = Field(
+        default=False,
+        description="the operator chose these subnets (--pool4/--pool6): refuse rather than "
+        "replace them when another node has them",
+    )
+    address: str | None = Field(
+        default=None, max_length=64, description="this node's address for the other nodes"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _unicast(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(v.strip())
+        except ValueError as exc:
+            raise ValueError(f"not an IP address: {v!r}") from exc
+        if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+            raise ValueError(f"{v} can't be a node address (loopback, multicast or link-local)")
+        return str(ip)
+
+
 class RegisterNodeBody(_Body):
     name: str = Field(pattern=NAME_RE.pattern, max_length=40)
     join_token: str = Field(min_length=8, max_length=200)
@@ -189,6 +220,7 @@ class RegisterNodeBody(_Body):
     driver_detail: str = Field(default="", max_length=500)
     accel: str | None = Field(default=None, pattern=r"^(kvm|tcg)$")
     version: str = Field(default="", max_length=40)
+    network: NodeNetworkBody | None = None
 
     _labels = field_validator("labels")(_check_labels)
 
@@ -770,6 +802,7 @@ def create_app(
             }
             with store.write() as tx:
                 node = tx.find("node", None, body.name)
+                status["network"] = _node_network(tx, body)
                 if node is None:
                     node = tx.create(
                         "node",
@@ -790,34 +823,61 @@ def create_app(
                     )
                 auth.revoke_node_tokens(tx, node["id"])  # a rejoin replaces the old credentials
                 token, _ = auth.issue_token(tx, "node", name=body.name, node_id=node["id"])
-            return {"node": node, "token": token}
+            return {"node": node, "token": token, "network": status["network"]}
 
         return await run_in_threadpool(run)
 
+    # Heartbeats (and their token check) have threads of their own: when the shared pool is
+    # full of requests queued for the store's write lock, a heartbeat waiting there comes
+    # late, the node turns NodeLost and its instances are evicted - more work on a server
+    # that is already behind (500 nodes, 10,000 instances). A heartbeat is two short reads
+    # and one small upsert: a few threads keep up with 100 a second.
+    beats = CapacityLimiter(4)
+
+    async def beating_node(
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> auth.Principal:
+        return await to_thread.run_sync(api.principal, authorization, limiter=beats)
+
     @app.post("/v1/nodes/{node_id}/heartbeat", tags=["nodes"])
-    async def heartbeat(node_id: str, body: HeartbeatBody, who: Who) -> dict[str, Any]:
+    async def heartbeat(
+        node_id: str,
+        body: HeartbeatBody,
+        who: Annotated[auth.Principal, Depends(beating_node)],
+    ) -> dict[str, Any]:
+        """The agent is alive. Recorded in the node's liveness row only (no revision, no
+        wake-up); what it reports about the node (capacity, driver) is written to the
+        node's status, as a revisioned write, only when it differs from what is there."""
+
+        def changes(status: dict[str, Any]) -> dict[str, Any]:
+            reported: dict[str, Any] = {
+                "capacity": body.capacity or None,
+                "allocatable": body.allocatable or None,
+                "driver": body.driver,
+                "driver_detail": body.driver_detail,
+            }
+            return {k: v for k, v in reported.items() if v is not None and status.get(k) != v}
+
         def run() -> dict[str, Any]:
             if who.kind != "node" or who.node_id != node_id:
                 raise errors.Forbidden("only the node itself sends its heartbeat")
-            from cove.model.resource import now_iso
+            row = store.get_row(node_id)
+            if row is None or row["kind"] != "node":
+                raise errors.NotFound(f"no node {node_id}")
+            store.heartbeat(node_id)
+            revision = int(row["revision"])
+            if changes(row["status"] or {}):  # rare: the node itself changed
+                with store.write() as tx:
+                    node = tx.get(node_id, for_update=True)
+                    if node is None:
+                        raise errors.NotFound(f"no node {node_id}")
+                    node = tx.update(
+                        node_id, status=dict(node["status"], **changes(node["status"]))
+                    )
+                revision = node["metadata"]["revision"]
+            return {"node": node_id, "revision": revision}
 
-            with store.write() as tx:
-                node = tx.get(node_id)
-                if node is None:
-                    raise errors.NotFound(f"no node {node_id}")
-                st = dict(node["status"], last_heartbeat=now_iso())
-                if body.capacity:
-                    st["capacity"] = body.capacity
-                if body.allocatable:
-                    st["allocatable"] = body.allocatable
-                if body.driver is not None:
-                    st["driver"] = body.driver
-                if body.driver_detail is not None:
-                    st["driver_detail"] = body.driver_detail
-                node = tx.update(node_id, status=st)
-            return {"node": node_id, "revision": node["metadata"]["revision"]}
-
-        return await run_in_threadpool(run)
+        return await to_thread.run_sync(run, limiter=beats)
 
     # -- events stream ------------------------------------------------------------------------
 
@@ -949,6 +1009,19 @@ def _list_tokens(
     with store.read() as conn:
         rows = list(conn.execute(q.order_by(t.tokens.c.id)).mappings())
     return [auth.token_view(r) for r in rows]
+
+
+def _node_network(tx: Any, body: RegisterNodeBody) -> dict[str, Any] | None:
+    """The registering node's instance subnets: what it proposes unless another node has
+    them (then free ones, or a Conflict when the operator fixed them), and its address."""
+    if body.network is None:
+        return None
+    import cove.net.subnets as subnets
+
+    proposed = subnets.parse(body.network.ipv4, body.network.ipv6)
+    others = endpoints.node_networks(tx.conn, exclude=body.name)
+    got = subnets.assign(proposed, others, fixed=body.network.fixed)
+    return {**got.as_dict(), "address": body.network.address}
 
 
 def _members(store: Store, org_id: str) -> list[dict[str, Any]]:

@@ -196,11 +196,34 @@ def register(app: typer.Typer) -> None:
                 "if it exists, else the documented defaults: docs/billing.md)",
             ),
         ] = None,
+        node_grace: Annotated[
+            str,
+            typer.Option(
+                "--node-grace",
+                help="a node without a heartbeat this long is NotReady (at least 10s: "
+                "agents beat every 5s)",
+            ),
+        ] = "15s",
+        evict_after: Annotated[
+            str,
+            typer.Option(
+                "--evict-after",
+                help="then this long before its movable instances are replaced elsewhere",
+            ),
+        ] = "30s",
     ) -> None:
+        from cove.cli.common import parse_duration
         from cove.model import pricing
         from cove.net.pools import configured
         from cove.server import serve, setup_logging
 
+        grace, evict = parse_duration(node_grace), parse_duration(evict_after)
+        if grace < 10:
+            raise errors.UserError(
+                f"--node-grace {node_grace} is too short",
+                hint="agents send a heartbeat every 5s: give at least 10s",
+                code="usage",
+            )
         setup_logging(log_level)
         ddir = data_dir or config.data_dir()
         pools = configured(ddir, public_ipv6, public_ipv4)
@@ -215,6 +238,7 @@ def register(app: typer.Typer) -> None:
                 pools=pools,
                 unix_socket=unix_socket,
                 prices=prices,
+                node_timing=(grace, evict),
             )
         except OSError as exc:
             if exc.errno == 98:
@@ -227,7 +251,12 @@ def register(app: typer.Typer) -> None:
     @app.command("agent", help="Run a node agent that joins a cove server.")
     def agent(
         server_url: Annotated[
-            str | None, typer.Option("--server", help="API URL (default: the local cove up)")
+            str | None,
+            typer.Option(
+                "--server",
+                help="API URL (default: the local cove up); several replicas' URLs "
+                "comma-separated: the agent moves to the next when one is unreachable",
+            ),
         ] = None,
         join_token: Annotated[
             str | None,
@@ -267,6 +296,15 @@ def register(app: typer.Typer) -> None:
         pool6: Annotated[
             str | None, typer.Option("--pool6", help="instances' IPv6 pool, a /64")
         ] = None,
+        address: Annotated[
+            str | None,
+            typer.Option(
+                "--address",
+                help="this node's address for the other nodes, which route its instances' "
+                "subnet via it (default: the address this host reaches the server from; none "
+                "over loopback or a unix socket)",
+            ),
+        ] = None,
         log_level: Annotated[
             str, typer.Option("--log-level", help="debug, info, warning or error")
         ] = "info",
@@ -297,6 +335,8 @@ def register(app: typer.Typer) -> None:
             driver=driver,
             state_dir=sdir,
             network=(bridge or dbridge, pool4 or dpool4, pool6 or dpool6),
+            fixed_network=pool4 is not None or pool6 is not None,
+            address=address,
         )
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
 
 import httpx
 
 from cove import errors
+
+T = TypeVar("T")
 
 
 def unix_path(base_url: str) -> str | None:
@@ -168,23 +172,38 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio twin of :class:`Client` (used by the node agent)."""
+    """The asyncio twin of :class:`Client` (used by the node agent).
+
+    *base_url* may list several replicas' URLs, comma-separated: a request that can't connect
+    to the current one (it never reached a server, so any method is safe to send again) goes
+    to the next, and the client stays with the one that answered."""
 
     def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()] or [""]
         headers = {"User-Agent": "cove-agent"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        uds = unix_path(base_url)
-        self._http = httpx.AsyncClient(
-            base_url=_http_base(base_url),
-            headers=headers,
-            timeout=timeout,
-            transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
-        )
+        self._clients = []
+        for url in self.urls:
+            uds = unix_path(url)
+            self._clients.append(
+                httpx.AsyncClient(
+                    base_url=_http_base(url),
+                    headers=headers,
+                    timeout=timeout,
+                    transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
+                )
+            )
+        self._current = 0
+
+    @property
+    def base_url(self) -> str:
+        """The replica this client talks to now."""
+        return self.urls[self._current]
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for c in self._clients:
+            await c.aclose()
 
     async def request(
         self,
@@ -195,20 +214,27 @@ class AsyncClient:
         json_body: Any = None,
         timeout: float | None = None,
     ) -> Any:
-        try:
-            resp = await self._http.request(
-                method,
-                path,
-                params=Client._params(params),
-                json=json_body,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TransportError as exc:
-            raise errors.Transient(
-                f"can't reach the cove API at {self.base_url} ({type(exc).__name__})",
-                hint="is the server running?",
-                code="unreachable",
-            ) from exc
+        for attempt in range(len(self._clients)):
+            i = self._current
+            try:
+                resp = await self._clients[i].request(
+                    method,
+                    path,
+                    params=Client._params(params),
+                    json=json_body,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+                break
+            except httpx.TransportError as exc:
+                if len(self._clients) > 1 and self._current == i:
+                    self._current = (i + 1) % len(self._clients)  # the next call goes there
+                if isinstance(exc, httpx.ConnectError) and attempt + 1 < len(self._clients):
+                    continue  # nothing was sent: try the next replica now
+                raise errors.Transient(
+                    f"can't reach the cove API at {self.urls[i]} ({type(exc).__name__})",
+                    hint="is the server running?",
+                    code="unreachable",
+                ) from exc
         return Client._decode(resp)
 
     async def get(self, path: str, *, timeout: float | None = None, **params: Any) -> Any:
@@ -219,3 +245,24 @@ class AsyncClient:
 
     async def put(self, path: str, body: Any = None) -> Any:
         return await self.request("PUT", path, json_body=body)
+
+
+async def unless_reconnected(request: Awaitable[T], reconnected: asyncio.Event) -> T | None:
+    """*request*'s answer, or None (and *request* cancelled) if *reconnected* is set first:
+    then the caller asks again, on a fresh connection."""
+    task = asyncio.ensure_future(request)
+    flag = asyncio.ensure_future(reconnected.wait())
+    try:
+        await asyncio.wait({task, flag}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        flag.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, errors.CoveError):
+        await task
+    reconnected.clear()
+    return None

@@ -333,14 +333,25 @@ class NodeController:
         self.clock = clock
 
     def _steady(self, key: str) -> bool:
-        """The common case, from a read (every heartbeat wakes this controller): heartbeats
+        """The common case, from a read (every node is looked at every 5 s): heartbeats
         on time, the node Ready and Schedulable as it should be, not draining - the write
         below would change nothing, so it does not take the write lock."""
-        row = self.store.get_row(key)
-        if row is None:
-            return False
+        import sqlalchemy as sa
+
+        from cove.store import schema as t
+        from cove.store.db import last_heartbeat
+
+        with self.store.read() as conn:
+            row = (
+                conn.execute(sa.select(t.resources).where(t.resources.c.id == key))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return False
+            beat = last_heartbeat(conn, row)
         st, spec = row["status"] or {}, row["spec"] or {}
-        age = _age(st.get("last_heartbeat"), self.clock())
+        age = _age(beat, self.clock())
         if age is None or age > self.grace or spec.get("draining") or "drain" in st:
             return False
         if spec.get("cordoned"):
@@ -364,13 +375,17 @@ class NodeController:
     def reconcile(self, key: str) -> float | None:
         if self._steady(key):
             return 5.0
+        from cove.store.db import forget_heartbeat, last_heartbeat
+
         with self.store.write() as tx:
             node = tx.get(key, for_update=True)
             if node is None:
+                forget_heartbeat(tx.conn, key)  # one that raced the node's deletion
                 return None
             status = dict(node["status"])
             before = get_condition(status, "Ready")
-            age = _age(status.get("last_heartbeat"), self.clock())
+            beat = last_heartbeat(tx.conn, node)  # its own table: heartbeats are not writes
+            age = _age(beat, self.clock())
             if age is None:
                 set_condition(
                     status, "Ready", "unknown", "NoHeartbeat", "the agent has not reported yet"
@@ -383,7 +398,7 @@ class NodeController:
                 )
             now_ready = (get_condition(status, "Ready") or {}).get("status")
             if (before or {}).get("status") == "true" and now_ready == "false":
-                _unreachable(tx, key, status.get("last_heartbeat") or now_iso())
+                _unreachable(tx, key, beat or now_iso())
             elif (before or {}).get("status") == "false" and now_ready == "true":
                 _unreachable(tx, key, None)
             if node["spec"].get("cordoned"):
@@ -466,16 +481,20 @@ class NodeController:
         return len(here), blocked
 
 
-def foundation_controllers(store: Store) -> list[Any]:
+def foundation_controllers(
+    store: Store, node_timing: tuple[float, float] | None = None
+) -> list[Any]:
+    """Every controller; *node_timing* is (grace, evict_after) of the NodeController."""
     from cove.control.endpoints import EndpointController
     from cove.control.rollout import RolloutController, Scheduler
 
     _ = get_kind
+    grace, evict_after = node_timing or (NODE_GRACE, EVICT_AFTER)
     return [
         StatusController(store),
         GarbageCollector(store),
         OperationController(store),
-        NodeController(store),
+        NodeController(store, grace=grace, evict_after=evict_after),
         RolloutController(store),
         Scheduler(store),
         EndpointController(store),

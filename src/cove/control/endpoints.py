@@ -11,7 +11,8 @@
   Ready condition.
 - ``edge_config`` is what a node's edge binds: its endpoints, each port with the Ready
   instances behind it. Computed from the instances directly, so a failing instance leaves
-  rotation as soon as its agent reports it.
+  rotation as soon as its agent reports it. It also carries the node's routes to the other
+  nodes' instance subnets (``cove.net.subnets``), so backends on any node are reachable.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+import cove.net.subnets as subnets
 from cove import errors
 from cove.model.resource import get_condition, now_iso, set_condition
 from cove.net.pools import Pools, pick
@@ -204,11 +206,43 @@ def in_rotation(ins: dict[str, Any]) -> bool:
     )
 
 
-def down_nodes(conn: Any) -> set[str]:
+def _nodes(conn: Any) -> list[dict[str, Any]]:
+    rows = conn.execute(sa.select(t.resources).where(t.resources.c.kind == "node")).mappings()
+    return [resource_from_row(r) for r in rows]
+
+
+def down_nodes(conn: Any, nodes: list[dict[str, Any]] | None = None) -> set[str]:
     """Nodes that are not Ready: what their instances last reported can no longer be
     trusted (a lost node's instances leave rotation at once)."""
-    rows = conn.execute(sa.select(t.resources).where(t.resources.c.kind == "node")).mappings()
-    return {str(r["id"]) for r in rows if not _node_ready(resource_from_row(r))}
+    return {str(n["id"]) for n in (_nodes(conn) if nodes is None else nodes) if not _node_ready(n)}
+
+
+def node_networks(
+    conn: Any, *, exclude: str | None = None
+) -> list[tuple[str, subnets.NodeNetwork]]:
+    """(name, instance subnets) of every node that reported them, but *exclude* (a name)."""
+    out = []
+    for n in _nodes(conn):
+        net = n["status"].get("network") or {}
+        if n["name"] == exclude or n["metadata"]["deleting"] or not net.get("ipv4"):
+            continue
+        out.append((str(n["name"]), subnets.parse(net["ipv4"], net["ipv6"])))
+    return out
+
+
+def routes(node_id: str, nodes: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The routes *node_id* needs to reach the other nodes' instances: each subnet via that
+    node's address (none for a node that reported no address of its own, e.g. one host)."""
+    mine = next((n for n in nodes if n["id"] == node_id), None)
+    if mine is None or not (mine["status"].get("network") or {}).get("address"):
+        return []
+    out = []
+    for n in nodes:
+        net = n["status"].get("network") or {}
+        if n["id"] == node_id or n["metadata"]["deleting"] or not net.get("address"):
+            continue
+        out.append({"node": str(n["name"]), "subnet": net["ipv4"], "via": net["address"]})
+    return sorted(out, key=lambda r: r["subnet"])
 
 
 def backends(
@@ -245,7 +279,8 @@ def edge_config(store: Store, node_id: str) -> dict[str, Any]:
         ).mappings()
         eps = [(r, resource_from_row(r)) for r in rows]
         out = []
-        down = down_nodes(conn)
+        nodes = _nodes(conn)
+        down = down_nodes(conn, nodes)
         for row, ep in eps:
             if (ep["status"].get("edge_node") or {}).get("id") != node_id:
                 continue
@@ -276,8 +311,9 @@ def edge_config(store: Store, node_id: str) -> dict[str, Any]:
                 }
             )
     out.sort(key=lambda e: str(e["endpoint"]))
-    digest = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()[:32]
-    return {"etag": digest, "endpoints": out}
+    cfg: dict[str, Any] = {"endpoints": out, "routes": routes(node_id, nodes)}
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:32]
+    return {"etag": digest, **cfg}
 
 
 # -- the controller -----------------------------------------------------------------------------

@@ -11,6 +11,12 @@ The leader checks its lease every ``check_every`` seconds and stops its controll
 check fails; on PostgreSQL a new leader waits twice that long after taking the lease before
 it starts its own, so a leader that lost its lease (rather than died) has stopped first.
 Who leads is recorded in the store (setting ``leader``) and served at ``GET /v1/cluster``.
+
+Fencing: each new leader increments the setting ``leader_term`` and hands its controllers a
+store view fenced on that value (``Store.fenced``): every controller write checks it inside
+its transaction, under the store's write lock. A deposed leader whose controllers are still
+running (its lease check hung, or it has not noticed yet) can't write anything once the new
+leader has taken its term.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from cove.model.resource import now_iso
+from cove.store import schema as t
 from cove.store.db import Store
 
 log = logging.getLogger("cove.lease")
 
 LOCK_KEY = 0x636F7665  # "cove": the advisory lock's key
+TERM_SETTING = "leader_term"  # incremented by every new leader: the fence
 
 
 class Lease(Protocol):
@@ -84,8 +92,12 @@ class PgLease:
 
     def release(self) -> None:
         if self.conn is not None:
-            # invalidate: really close the session (a connection merely returned to the pool
-            # would keep holding the lock)
+            # Unlock first: closing the connection frees the lock only once its backend has
+            # noticed the disconnect, which another replica could race. Then invalidate:
+            # really close the session (a connection merely returned to the pool would keep
+            # holding the lock if the unlock did not reach the server).
+            with contextlib.suppress(Exception):
+                self.conn.execute(sa.text("SELECT pg_advisory_unlock_all()"))
             with contextlib.suppress(Exception):
                 self.conn.invalidate()
             with contextlib.suppress(Exception):
@@ -162,7 +174,8 @@ class Leadership:
         self.since: float | None = None
         self.terms = 0
 
-    async def run(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def run(self, work: Callable[[Store], Coroutine[Any, Any, None]]) -> None:
+        """Lead whenever the lease can be had: ``work(fenced_store)`` runs while it is held."""
         try:
             while True:
                 if not await asyncio.to_thread(self.lease.try_acquire):
@@ -173,17 +186,22 @@ class Leadership:
             self.leading = False
             await asyncio.to_thread(self.lease.release)
 
-    async def _lead(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _lead(self, work: Callable[[Store], Coroutine[Any, Any, None]]) -> None:
         await asyncio.sleep(self.takeover_delay)
         if not await asyncio.to_thread(self.lease.still_held):
             await asyncio.to_thread(self.lease.release)
             return
+        try:
+            term = await asyncio.to_thread(self._record)
+        except Exception as exc:  # no term, no fence: don't lead on a store we can't write
+            log.warning("can't record this replica as the leader (%s); retrying", exc)
+            await asyncio.to_thread(self.lease.release)
+            await asyncio.sleep(self.retry)
+            return
         self.terms += 1
         self.leading, self.since = True, time.monotonic()
-        log.info("this replica (%s) now runs the controllers", self.replica.id)
-        with contextlib.suppress(Exception):  # informative only: never blocks leading
-            await asyncio.to_thread(self._record)
-        task = asyncio.create_task(work())
+        log.info("this replica (%s) now runs the controllers (term %s)", self.replica.id, term)
+        task = asyncio.create_task(work(self.store.fenced(TERM_SETTING, term)))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=self.check_every)
@@ -202,10 +220,19 @@ class Leadership:
             return
         await asyncio.sleep(self.retry)  # let another replica have it first
 
-    def _record(self) -> None:
-        doc = dict(self.replica.doc(), since=now_iso())
+    def _record(self) -> str:
+        """Record this replica as the leader and start a new term; returns the term."""
         with self.store.write() as tx:
+            raw = tx.conn.execute(
+                sa.select(t.cluster_settings.c.value).where(
+                    t.cluster_settings.c.key == TERM_SETTING
+                )
+            ).scalar()
+            term = str(int(raw or 0) + 1)
+            tx.set_setting(TERM_SETTING, term)
+            doc = dict(self.replica.doc(), since=now_iso(), term=int(term))
             tx.set_setting("leader", json.dumps(doc, sort_keys=True))
+        return term
 
 
 def leader_doc(store: Store) -> dict[str, Any] | None:

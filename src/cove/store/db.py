@@ -4,16 +4,21 @@ Every write allocates the next value of one global revision counter in the same
 transaction (``UPDATE revision_counter ... RETURNING``). The row lock that update takes is
 held until commit, so writers are serialised and commits become visible in revision order:
 a reader that resumes "after revision N" never misses a write numbered below one it saw.
+
+The one exception is liveness: a node's heartbeat (``Store.heartbeat``) upserts its
+``node_heartbeats`` row and takes no revision, so it neither queues behind the counter nor
+wakes any watcher; readers overlay it onto the node's ``status.last_heartbeat``.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,8 @@ from cove.store import schema as t
 
 log = logging.getLogger("cove.store")
 NOTIFY_CHANNEL = "cove_revision"
+
+NODE_PREFIX = kinds_mod.get_kind("node").prefix
 
 # kinds whose writes open and close spans of billable use (store/meter.py)
 METERED = ("instance", "volume")
@@ -65,6 +72,48 @@ def resource_from_row(row: RowMapping) -> dict[str, Any]:
             "deleting": bool(row["deleting"]),
         },
     }
+
+
+def last_heartbeats(conn: Connection, node_ids: Iterable[str] | None = None) -> dict[str, str]:
+    """When each node last reported (``node_heartbeats``), by node ID: one query, for the
+    given nodes or all of them. Nodes that never reported are absent."""
+    q = sa.select(t.node_heartbeats.c.node_id, t.node_heartbeats.c.at)
+    if node_ids is not None:
+        ids = sorted(set(node_ids))
+        if not ids:
+            return {}
+        q = q.where(t.node_heartbeats.c.node_id.in_(ids))
+    return {str(r[0]): str(r[1]) for r in conn.execute(q)}
+
+
+def last_heartbeat(conn: Connection, node: RowMapping | dict[str, Any]) -> str | None:
+    """A node's last heartbeat: its ``node_heartbeats`` row, or else what its status says
+    (nodes that last reported before that table existed)."""
+    at = conn.execute(
+        sa.select(t.node_heartbeats.c.at).where(t.node_heartbeats.c.node_id == node["id"])
+    ).scalar()
+    if at is not None:
+        return str(at)
+    legacy = (node["status"] or {}).get("last_heartbeat")
+    return None if legacy is None else str(legacy)
+
+
+def forget_heartbeat(conn: Connection, node_id: str) -> None:
+    conn.execute(sa.delete(t.node_heartbeats).where(t.node_heartbeats.c.node_id == node_id))
+
+
+def _overlay_heartbeats(conn: Connection, items: list[dict[str, Any]]) -> None:
+    """Show each node's last heartbeat in ``status.last_heartbeat``, as before it moved to
+    its own table (one query for the whole page)."""
+    nodes = [i for i in items if i["kind"] == "node"]
+    if not nodes:
+        return
+    beats = last_heartbeats(conn, (n["id"] for n in nodes))
+    for n in nodes:
+        if n["id"] in beats:
+            n["status"]["last_heartbeat"] = beats[n["id"]]
+        else:
+            n["status"].setdefault("last_heartbeat", None)
 
 
 def event_from_row(row: RowMapping) -> dict[str, Any]:
@@ -291,6 +340,8 @@ class Tx:
             meter.observe(self, self.get(rid), None)
         self.next_revision()
         self.conn.execute(sa.delete(t.resources).where(t.resources.c.id == rid))
+        if rid.split("_", 1)[0] == NODE_PREFIX:
+            forget_heartbeat(self.conn, rid)
 
     def children(self, rid: str, *, kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         q = sa.select(t.resources).where(t.resources.c.parent_id == rid)
@@ -351,6 +402,15 @@ class Tx:
         self.conn.execute(sa.insert(t.cluster_settings).values(key=key, value=value))
 
 
+class _PendingBeats:
+    """Heartbeats waiting for the flush in progress (``Store.heartbeat``)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.flushing = False
+
+
 class Store:
     """Entry point to the database. Thread-safe; one per process."""
 
@@ -359,6 +419,9 @@ class Store:
         self.dialect = sa.engine.make_url(url).get_backend_name()
         self._write_lock = threading.RLock()
         self._listeners: list[Callable[[int], None]] = []
+        # (setting, value) every write of this view checks first (see fenced)
+        self._fence: tuple[str, str] | None = None
+        self._beats = _PendingBeats()  # shared with the views (see fenced)
         self.engine: Engine = self._make_engine(url)
 
     # -- setup -----------------------------------------------------------------------------
@@ -421,7 +484,82 @@ class Store:
         """Call *fn(revision)* after every committed write in this process."""
         self._listeners.append(fn)
 
+    # -- liveness -------------------------------------------------------------------------------
+
+    def heartbeat(self, node_id: str, at: str | None = None) -> None:
+        """Record that *node_id* reported at *at* (now) in its ``node_heartbeats`` row. Not
+        a revisioned write: no revision is taken, nothing is notified and no watcher wakes
+        (the NodeController looks at the age every few seconds).
+
+        Heartbeats are combined: the caller that finds no flush running writes every
+        heartbeat pending in this process in one short transaction (an upsert of many rows),
+        and again (twice at most) if more arrived meanwhile; a caller that finds a flush running
+        leaves its heartbeat to it and returns at once. So 500 nodes cost one transaction
+        per turn of the write lock, not 100 a second each queueing for it (on SQLite the
+        flush takes ``_write_lock``: the database has one writer at a time whatever cove
+        does, and the process lock queues without spinning in SQLite's busy handler)."""
+        b = self._beats
+        with b.lock:
+            b.pending[node_id] = at or now_iso()
+            if b.flushing:
+                return
+            b.flushing = True
+        for turn in range(3):  # bounded: this caller's own agent waits for the answer
+            with b.lock:
+                batch, b.pending = b.pending, {}
+                if not batch or turn == 2:  # what is left goes with the next heartbeat
+                    b.pending = {**batch, **b.pending}
+                    b.flushing = False
+                    return
+            try:
+                self._write_heartbeats(batch)
+            except BaseException:
+                with b.lock:  # the next heartbeat's flush retries them
+                    b.pending = {**batch, **b.pending}
+                    b.flushing = False
+                raise
+
+    def _write_heartbeats(self, batch: dict[str, str]) -> None:
+        rows = [{"node_id": n, "at": at} for n, at in sorted(batch.items())]
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            pq = pg_insert(t.node_heartbeats).values(rows)
+            stmt: sa.Executable = pq.on_conflict_do_update(
+                index_elements=["node_id"], set_={"at": pq.excluded.at}
+            )
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            sq = sqlite_insert(t.node_heartbeats).values(rows)
+            stmt = sq.on_conflict_do_update(index_elements=["node_id"], set_={"at": sq.excluded.at})
+        lock = self._write_lock if self.dialect == "sqlite" else contextlib.nullcontext()
+        try:
+            with lock, self.engine.connect().execution_options(cove_write=True) as conn:
+                with conn.begin():
+                    conn.execute(stmt)
+        except OperationalError as exc:
+            raise errors.Transient(
+                "the database is busy or unreachable", hint="retry in a moment"
+            ) from exc
+        except DBAPIError as exc:
+            raise errors.Transient("database error", hint="retry in a moment") from exc
+
+    def last_heartbeats(self, node_ids: Iterable[str] | None = None) -> dict[str, str]:
+        """When each node last reported, by node ID (one query)."""
+        with self.read() as conn:
+            return last_heartbeats(conn, node_ids)
+
     # -- transactions -------------------------------------------------------------------------
+
+    def fenced(self, setting: str, value: str) -> Store:
+        """A view of this store (same engine and locks) whose writes happen only while the
+        setting *setting* still holds *value*: checked inside each write transaction, after
+        the write lock is taken, so a writer that bumped the setting (a new controller
+        leader: ``control.lease``) shuts every older view out at once."""
+        view = copy.copy(self)
+        view._fence = (setting, value)
+        return view
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
@@ -430,6 +568,19 @@ class Store:
                 with self.engine.connect().execution_options(cove_write=True) as conn:
                     with conn.begin():
                         tx = Tx(conn)
+                        if self._fence is not None:
+                            key, want = self._fence
+                            now = conn.execute(
+                                sa.select(t.cluster_settings.c.value).where(
+                                    t.cluster_settings.c.key == key
+                                )
+                            ).scalar()
+                            if now != want:
+                                raise errors.Transient(
+                                    f"fenced: {key} is {now!r} now, not {want!r}",
+                                    hint="another replica took over the controllers",
+                                    code="fenced",
+                                )
                         yield tx
                         if tx.last_revision and self.dialect == "postgresql":
                             # other replicas' watchers wake on commit (see listen)
@@ -492,15 +643,18 @@ class Store:
             )
 
     def get(self, rid: str, scope: Scope | None = None) -> dict[str, Any]:
+        """One resource, as the API shows it (a node with its last heartbeat)."""
         with self.read() as conn:
             row = (
                 conn.execute(sa.select(t.resources).where(t.resources.c.id == rid))
                 .mappings()
                 .first()
             )
-        if row is None or (scope is not None and not scope.allows(row["org_id"])):
-            raise errors.NotFound(f"no resource {rid}", hint="check the ID with a list command")
-        return resource_from_row(row)
+            if row is None or (scope is not None and not scope.allows(row["org_id"])):
+                raise errors.NotFound(f"no resource {rid}", hint="check the ID with a list command")
+            out = resource_from_row(row)
+            _overlay_heartbeats(conn, [out])
+        return out
 
     def get_row(self, rid: str) -> RowMapping | None:
         with self.read() as conn:
@@ -523,7 +677,11 @@ class Store:
                 .mappings()
                 .first()
             )
-        return resource_from_row(row) if row else None
+            if row is None:
+                return None
+            out = resource_from_row(row)
+            _overlay_heartbeats(conn, [out])
+        return out
 
     def list(
         self,
@@ -556,7 +714,8 @@ class Store:
         q = q.order_by(c.id).limit(limit + 1)
         with self.read() as conn:
             rows = list(conn.execute(q).mappings())
-        items = [resource_from_row(r) for r in rows[:limit]]
+            items = [resource_from_row(r) for r in rows[:limit]]
+            _overlay_heartbeats(conn, items)
         nxt = items[-1]["id"] if len(rows) > limit and items else None
         return items, nxt
 

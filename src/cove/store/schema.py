@@ -254,3 +254,18 @@ price_lists = Table(
     Column("digest", String(64), nullable=False),
     Column("doc", JSON, nullable=False),
 )
+
+# -- liveness (migration 0005) ------------------------------------------------------------
+
+# When each node's agent last reported. Not a resource: no revision, no event, no wake-up;
+# a heartbeat is one upsert of this row (``Store.heartbeat``) and does not take the
+# revision counter, so 500 nodes beating every 5 s do not queue behind (or in front of)
+# real writes. Readers overlay ``at`` onto the node's ``status.last_heartbeat``. No foreign
+# key (a heartbeat must not lock the node's row): deleting the node deletes its row
+# (``Tx.delete``), and readers only look at rows of nodes that exist.
+node_heartbeats = Table(
+    "node_heartbeats",
+    metadata,
+    Column("node_id", String(40), primary_key=True),
+    Column("at", String(32), nullable=False),
+)
