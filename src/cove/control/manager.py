@@ -8,6 +8,9 @@ it never sleeps waiting for something.
 The manager watches the store's revision: every write after the last seen revision
 enqueues the written resource (and its parent) to the controllers of those kinds, and a
 periodic resync enqueues everything, so a missed wake-up costs latency, never correctness.
+Everything is enqueued at once at start; later passes start every ``resync`` seconds and are
+fed to each controller at most ``resync_rate`` keys a second, so with 10,000 instances the
+safety net does not crowd out the real work (a pass then takes longer than ``resync``).
 """
 
 from __future__ import annotations
@@ -115,12 +118,16 @@ class Manager:
         *,
         workers: int = 2,
         resync: float = 30.0,
+        resync_rate: float = 50.0,
     ) -> None:
         self.store = store
         self.controllers = controllers
         self.notifier = notifier
         self.workers = workers
         self.resync = resync
+        self.resync_rate = resync_rate
+        # the keys of the resync pass in progress not handed to each controller yet
+        self._resync_left: dict[str, list[str]] = {}
         self.queues = {c.name: WorkQueue() for c in controllers}
         self._by_kind: dict[str, list[Controller]] = {}
         for c in controllers:
@@ -167,9 +174,12 @@ class Manager:
 
     async def _watch(self) -> None:
         last_resync = 0.0
+        fed_at = time.monotonic()
+        credit = 0.0  # resync keys each controller may be given now (resync_rate a second)
         while True:
             try:
-                if time.monotonic() - last_resync > self.resync:
+                passing = any(self._resync_left.values())
+                if time.monotonic() - last_resync > self.resync and not passing:
                     first = last_resync == 0.0
                     if first:  # everything is enqueued below: start watching from here
                         self.revision = await self._in_pool(self.store.head_revision)
@@ -177,10 +187,24 @@ class Manager:
                         # everything once at start; later only controllers that ask for it
                         if not first and not getattr(c, "periodic_resync", True):
                             continue
-                        for kind in c.kinds:
-                            for rid in await self._in_pool(self.store.ids_of_kind, kind):
+                        keys = [
+                            rid
+                            for kind in c.kinds
+                            for rid in await self._in_pool(self.store.ids_of_kind, kind)
+                        ]
+                        if first:
+                            for rid in keys:
                                 self.queues[c.name].add(rid)
-                    last_resync = time.monotonic()
+                        else:
+                            self._resync_left[c.name] = keys[::-1]  # popped from the end
+                    last_resync = fed_at = time.monotonic()
+                now = time.monotonic()
+                credit = min(credit + self.resync_rate * (now - fed_at), self.resync_rate)
+                fed_at = now
+                for name, left in self._resync_left.items():
+                    for _ in range(min(int(credit), len(left))):
+                        self.queues[name].add(left.pop())
+                credit -= int(credit)
                 changes = await self._in_pool(self.store.changes_since, self.revision)
                 for ch in changes:
                     self.revision = max(self.revision, int(ch["revision"]))
