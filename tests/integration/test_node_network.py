@@ -54,6 +54,8 @@ def test_each_node_gets_its_own_subnet_and_routes_to_the_others(store: Store, wo
     # a node with no address (one host) and a sim node (no network) route nothing, and
     # nobody routes to them
     lone = ok(_register(w, store, "nc", _net("10.213.90.0/24", "fd00:c0e:5a::/64", None)), 201)
+    # an IPv4 subnet can't be routed via an IPv6 next hop: such a peer is left out
+    ok(_register(w, store, "ne", _net("10.213.91.0/24", "fd00:c0e:5b::/64", "2001:db8::e")), 201)
     sim = ok(_register(w, store, "nd", None), 201)
     assert sim["network"] is None
     assert _edge(w, lone)["routes"] == [] and _edge(w, sim)["routes"] == []

@@ -231,15 +231,17 @@ def node_networks(
 
 
 def routes(node_id: str, nodes: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The routes *node_id* needs to reach the other nodes' instances: each subnet via that
-    node's address (none for a node that reported no address of its own, e.g. one host)."""
+    """The routes *node_id* needs to reach the other nodes' instances: each IPv4 subnet via
+    that node's address (none for a node that reported no address of its own, e.g. one
+    host; and only via IPv4 addresses: an IPv4 route needs an IPv4 next hop)."""
     mine = next((n for n in nodes if n["id"] == node_id), None)
     if mine is None or not (mine["status"].get("network") or {}).get("address"):
         return []
     out = []
     for n in nodes:
         net = n["status"].get("network") or {}
-        if n["id"] == node_id or n["metadata"]["deleting"] or not net.get("address"):
+        via = str(net.get("address") or "")
+        if n["id"] == node_id or n["metadata"]["deleting"] or not via or ":" in via:
             continue
         out.append({"node": str(n["name"]), "subnet": net["ipv4"], "via": net["address"]})
     return sorted(out, key=lambda r: r["subnet"])
