@@ -236,7 +236,7 @@ def main() -> None:
     )
     say("The web console: a terminal in your browser running `cove shell` as you")
     cove("console", "--no-open")
-    say("Coming next: several nodes.")
+    say("More machines: README, 'More machines' (agents on other hosts, server replicas).")
     print(
         f"\ncove is still running (the demo registry has stopped; images stay cached on the "
         f"node). Try it yourself:\n  export COVE_HOME={HOME}\n"
