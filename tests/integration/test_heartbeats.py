@@ -131,11 +131,14 @@ def test_a_silent_node_is_lost_and_comes_back_without_heartbeat_writes(cluster: 
 
     offset[0] = NODE_GRACE - 2  # late, but within the grace: nothing is written
     head = c.store.head_revision()
-    assert nodes.reconcile(node_id) == 5.0
+    assert nodes.sweep() == []  # the manager's periodic look finds nothing to do
+    assert nodes.reconcile(node_id) is None
     assert c.store.head_revision() == head
 
     offset[0] = NODE_GRACE + 1  # silent for longer than the grace
-    nodes.reconcile(node_id)
+    assert nodes.sweep() == [node_id]
+    assert nodes.reconcile(node_id) == 5.0  # not steady: it looks again until it is
+    assert nodes.sweep() == [node_id]
     status, reason = ready(c.node("n1"))
     assert (status, reason) == ("false", "NodeLost")
     lost = c.node("n1")["metadata"]["revision"]
@@ -233,3 +236,40 @@ def test_concurrent_heartbeats_are_combined_and_none_is_lost(store: Store) -> No
     store.heartbeat(ids[0], at=at[ids[0]])  # whatever a bounded flush left goes with the next
     assert store.last_heartbeats() == at
     assert store.head_revision() == head
+
+
+def test_a_heartbeat_waiting_for_the_write_lock_already_counts(cluster: Cluster) -> None:
+    """On a busy server the flush of a heartbeat can wait for the write lock; the node
+    controller counts a heartbeat from when it arrived, not from when it was written."""
+    import threading
+
+    c = cluster
+    if c.store.dialect != "sqlite":
+        pytest.skip("only on SQLite does the flush take the process's write lock")
+    node_id = c.join("n1")
+    c.beat("n1")
+    offset = [0.0]
+    nodes = NodeController(c.store, clock=lambda: datetime.now(UTC) + timedelta(seconds=offset[0]))
+    nodes.reconcile(node_id)
+    assert nodes.sweep() == []
+    offset[0] = NODE_GRACE + 5  # the written heartbeat is older than the grace
+    assert nodes.sweep() == [node_id]
+
+    at = later(offset[0])
+    with c.store._write_lock:  # another writer holds the database
+        beating = threading.Thread(target=c.store.heartbeat, args=(node_id, at))
+        beating.start()
+        beating.join(0.5)
+        assert beating.is_alive(), "the flush waits for the write lock"
+        assert c.store.last_heartbeats()[node_id] < at  # not written yet
+        assert c.store.received_heartbeat(node_id, None) == at
+        assert nodes.sweep() == [], "received on time: not late"
+    beating.join(5)
+    assert c.store.last_heartbeats()[node_id] == at
+    assert c.store.received_heartbeat(node_id, None) is None  # nothing held any more
+    assert nodes.sweep() == []
+
+
+def later(seconds: float) -> str:
+    at = datetime.now(UTC) + timedelta(seconds=seconds)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -10,7 +10,6 @@ stays linear.
 import asyncio
 import json
 import os
-import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import cove.control.endpoints as endpoints
 from cove import errors
 from cove.api import auth, service
+from cove.api.views import NodeView
 from cove.model.resource import now_iso, set_condition
 from cove.model.specs import NAME_RE, EndpointSpec
 from cove.model.workload import ENV_KEY_RE, WorkloadTemplate
@@ -559,74 +559,38 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         who.require_node(node_id)
         deadline = time.monotonic() + wait
         last = answered.get(node_id)
-        seen = since
-        while (left := deadline - time.monotonic()) > 0:
-            head = api.notifier.revision
-            if head > since:
-                if last is None or last[0] != since:
+        if last is not None and last[0] == since:
+            # this node has this server's last answer: wait for what is placed on it to
+            # change in the shared view (woken by the view alone, not by every write)
+            while (left := deadline - time.monotonic()) > 0:
+                if placements.fingerprint(node_id, await placements.now()) != last[1]:
                     break
-                if head > seen or placements.revision < head:
-                    seen = head
-                    if placements.fresh_enough():  # no thread needed
-                        now = placements.by_node
-                    else:
-                        now = await to_thread.run_sync(placements.current, limiter=reads)
-                    if _fingerprint(now, node_id) != last[1]:
-                        break
-            # the shared view is behind (it is read at most every 0.2 s): look again soon
-            behind = placements.revision < api.notifier.revision
-            await api.notifier.wait(seen, min(0.25 if behind else 1.0, left))
+                await placements.changed(node_id, last[1], left)
+        else:  # an agent new to this server (or behind it): answer once the revision moves
+            await api.notifier.wait(since, max(0.0, deadline - time.monotonic()))
         return await to_thread.run_sync(_assignments, node_id, limiter=reads)
 
-    class _Placements:
+    def _placed() -> dict[str, frozenset[tuple[str, int]]]:
         """Which instances and volumes are placed on each node, with their generations (a
         spec change, or being marked deleting, moves a generation; status reports do not):
-        what an agent acts on. Read in one query, again at most every 0.2 s while the store
-        moves, and shared by every agent's long-poll; the rows of one node's answer are then
+        what an agent acts on, read in one query. The rows of one node's answer are then
         read by primary key, not found by scanning every instance."""
+        c = t.resources.c
+        node = c.spec["node"].as_string()
+        q = sa.select(node, c.id, c.generation).where(
+            c.kind.in_(("instance", "volume")), node.is_not(None)
+        )
+        rows: dict[str, set[tuple[str, int]]] = {}
+        with store.read() as conn:
+            for n, rid, gen in conn.execute(q):
+                rows.setdefault(str(n), set()).add((str(rid), int(gen)))
+        return {n: frozenset(v) for n, v in rows.items()}
 
-        def __init__(self) -> None:
-            self.lock = threading.Lock()
-            self.revision = -1
-            self.at = 0.0
-            self.by_node: dict[str, frozenset[tuple[str, int]]] = {}
-
-        def fresh_enough(self) -> bool:
-            """Read again at most every 0.2 s, and by one thread at a time."""
-            return (
-                api.notifier.revision == self.revision
-                or time.monotonic() - self.at < 0.2
-                or self.lock.locked()
-            )
-
-        def current(self) -> dict[str, frozenset[tuple[str, int]]]:
-            # a thread that finds another one reading takes the view as it is (older is
-            # safe, see _assignments) rather than wait, holding a worker thread of the API
-            if self.fresh_enough() or not self.lock.acquire(blocking=False):
-                return self.by_node
-            try:
-                rev = api.notifier.revision
-                if rev != self.revision:
-                    c = t.resources.c
-                    node = c.spec["node"].as_string()
-                    q = sa.select(node, c.id, c.generation).where(
-                        c.kind.in_(("instance", "volume")), node.is_not(None)
-                    )
-                    rows: dict[str, set[tuple[str, int]]] = {}
-                    with store.read() as conn:
-                        for n, rid, gen in conn.execute(q):
-                            rows.setdefault(str(n), set()).add((str(rid), int(gen)))
-                    self.by_node = {n: frozenset(v) for n, v in rows.items()}
-                    self.revision, self.at = rev, time.monotonic()
-            finally:
-                self.lock.release()
-            return self.by_node
-
-    placements = _Placements()
     # the long-polls' reads have threads of their own: the API's shared pool can be full of
     # requests waiting for the store's write lock (500 nodes heartbeating), and agents
     # that cannot hear of their instances cannot report them either
     reads = CapacityLimiter(8)
+    placements = NodeView(api.notifier, _placed, reads)
     # node -> (revision, fingerprint) of this server's last answer to it
     answered: dict[str, tuple[int, int]] = {}
 
@@ -635,7 +599,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         # change, the fingerprint kept with this answer is older too, so the next poll is
         # answered at once with the change (never a change missed)
         now = placements.current()
-        fp = _fingerprint(now, node_id)
+        fp = placements.fingerprint(node_id, now)
         rev = store.head_revision()
         ids = sorted(rid for rid, _ in now.get(node_id, ()) if rid.startswith("ins_"))
         node_col = t.resources.c.spec["node"].as_string()
@@ -732,38 +696,40 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
     # What agents report about their instances (status, events, logs) runs on threads of
     # its own: 500 agents starting 10,000 instances otherwise take every thread of the
-    # API's shared pool, each waiting for the write lock, and a user's request waits for a
-    # thread behind them. Sixteen writers keep the lock busy; the rest queue here.
+    # API's shared pool, and a user's request waits for a thread behind them. Status
+    # reports and events are written together (Store.write_combined): one thread writes
+    # what the others bring, in one transaction.
     reports = CapacityLimiter(16)
 
     @app.put("/v1/instances/{ins_id}/status", tags=["nodes"], summary="Report instance status")
     async def report_status(ins_id: str, body: InstanceStatusBody, who: Who) -> dict[str, Any]:
+        def write(tx: Tx) -> dict[str, Any]:
+            ins = tx.get(ins_id, for_update=True)
+            if ins is None:
+                raise errors.NotFound(f"no instance {ins_id}")
+            st = dict(ins["status"])
+            st.update({k: v for k, v in body.model_dump().items() if k not in ("ready", "message")})
+            st["node"] = ins["spec"].get("node")
+            st["reported_at"] = now_iso()
+            st.pop("unreachable_since", None)  # its node reports again
+            ready = body.ready and body.state == "running"
+            set_condition(
+                st,
+                "Ready",
+                "true" if ready else "false",
+                "HealthChecksPassing" if ready else _reason(body.state, body.health),
+                body.message,
+            )
+            if body.state == "failed":
+                set_condition(st, "Failed", "true", "InstanceFailed", body.message)
+            st["observed_generation"] = ins["metadata"]["generation"]
+            new = tx.update(ins_id, status=st)
+            return {"instance": ins_id, "revision": new["metadata"]["revision"]}
+
         def run() -> dict[str, Any]:
             own_instance(who, ins_id)
-            with store.write() as tx:
-                ins = tx.get(ins_id, for_update=True)
-                if ins is None:
-                    raise errors.NotFound(f"no instance {ins_id}")
-                st = dict(ins["status"])
-                st.update(
-                    {k: v for k, v in body.model_dump().items() if k not in ("ready", "message")}
-                )
-                st["node"] = ins["spec"].get("node")
-                st["reported_at"] = now_iso()
-                st.pop("unreachable_since", None)  # its node reports again
-                ready = body.ready and body.state == "running"
-                set_condition(
-                    st,
-                    "Ready",
-                    "true" if ready else "false",
-                    "HealthChecksPassing" if ready else _reason(body.state, body.health),
-                    body.message,
-                )
-                if body.state == "failed":
-                    set_condition(st, "Failed", "true", "InstanceFailed", body.message)
-                st["observed_generation"] = ins["metadata"]["generation"]
-                new = tx.update(ins_id, status=st)
-            return {"instance": ins_id, "revision": new["metadata"]["revision"]}
+            out: dict[str, Any] = store.write_combined(write)  # with other reports: one commit
+            return out
 
         return await to_thread.run_sync(run, limiter=reports)
 
@@ -771,8 +737,9 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     async def instance_event(ins_id: str, body: EventBody, who: Who) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             ins = own_instance(who, ins_id)
-            with store.write() as tx:
-                ev: dict[str, Any] = tx.event(ins, body.type, body.reason, body.message)
+            ev: dict[str, Any] = store.write_combined(
+                lambda tx: tx.event(ins, body.type, body.reason, body.message)
+            )
             return ev
 
         return await to_thread.run_sync(run, limiter=reports)
@@ -886,10 +853,6 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         return values
 
     _ = asyncio
-
-
-def _fingerprint(by_node: dict[str, frozenset[tuple[str, int]]], node_id: str) -> int:
-    return hash(by_node.get(node_id, frozenset()))
 
 
 def _reason(state: str, health: str) -> str:

@@ -9,6 +9,7 @@ controller shows them on each endpoint.
 import time
 from typing import Annotated, Any
 
+from anyio import CapacityLimiter
 from fastapi import Depends, FastAPI, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import cove.control.endpoints as endpoints
 from cove import errors
 from cove.api import auth
+from cove.api.views import NodeView
 from cove.net.pools import Pools
 from cove.store import meter
 
@@ -73,14 +75,28 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
         ``wait`` seconds while the configuration's digest is still ``etag``."""
         who.require_node(node_id)
         deadline = time.monotonic() + wait
+        # every node's etag comes from one shared view, read again when the store moves;
+        # a long-poll wakes when its node's etag there changes, not on every write
+        have = hash(etag)
         while True:
-            rev = api.notifier.revision
+            seen = None
+            if etag and deadline > time.monotonic():
+                seen = etags.fingerprint(node_id, await etags.now())
+                if seen == have:
+                    await etags.changed(node_id, have, deadline - time.monotonic())
+                    continue
             cfg: dict[str, Any] = await run_in_threadpool(endpoints.edge_config, store, node_id)
-            if cfg["etag"] != etag or time.monotonic() >= deadline:
+            if cfg["etag"] != etag or time.monotonic() >= deadline or seen is None:
                 break
-            await api.notifier.wait(rev, min(5.0, max(0.0, deadline - time.monotonic())))
+            # the view is behind this node's configuration (or has not seen the node yet):
+            # wait for it to move on
+            await etags.changed(node_id, seen, deadline - time.monotonic())
         cfg["pools"] = pools.as_dict()
         return cfg
+
+    etags = NodeView(
+        api.notifier, lambda: endpoints.edge_etags(store), CapacityLimiter(4), every=0.25
+    )
 
     @app.put("/v1/nodes/{node_id}/edge", tags=["nodes"], summary="Report what the edge bound")
     async def edge_report(node_id: str, body: EdgeReport, who: Who) -> dict[str, Any]:

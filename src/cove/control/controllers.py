@@ -106,8 +106,15 @@ class GarbageCollector:
         "secret",
     )
 
+    # a resource being deleted is polled while it has children: their writes need not wake it
+    wakes_on_children = False
+
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    @staticmethod
+    def wants(change: dict[str, Any]) -> bool:
+        return bool(change["deleting"])
 
     def reconcile(self, key: str) -> float | None:
         row = self.store.get_row(key)  # read first: only resources being deleted need a write
@@ -332,10 +339,42 @@ class NodeController:
         self.evict_after = evict_after
         self.clock = clock
 
+    # the manager calls ``sweep`` this often and wakes the nodes it names
+    sweep_every = 2.0
+
+    def sweep(self) -> list[str]:
+        """The nodes that need a look: every node and every heartbeat read in two queries,
+        so 500 steady nodes cost two queries every ``sweep_every`` seconds, not a reconcile
+        each every few seconds. A node that is not steady (late, lost, draining, changed)
+        is reconciled, and polls itself every 5 s until it is steady again."""
+        import sqlalchemy as sa
+
+        from cove.store import schema as t
+        from cove.store.db import last_heartbeats
+
+        with self.store.read() as conn:
+            rows = list(
+                conn.execute(sa.select(t.resources).where(t.resources.c.kind == "node")).mappings()
+            )
+            beats = last_heartbeats(conn)
+        now = self.clock()
+        return [
+            str(r["id"])
+            for r in rows
+            if not self._steady_row(
+                r,
+                self.store.received_heartbeat(
+                    str(r["id"]),
+                    beats.get(str(r["id"])) or (r["status"] or {}).get("last_heartbeat"),
+                ),
+                now,
+            )
+        ]
+
     def _steady(self, key: str) -> bool:
-        """The common case, from a read (every node is looked at every 5 s): heartbeats
-        on time, the node Ready and Schedulable as it should be, not draining - the write
-        below would change nothing, so it does not take the write lock."""
+        """The common case, from a read: heartbeats on time, the node Ready and Schedulable
+        as it should be, not draining - the write below would change nothing, so it does
+        not take the write lock."""
         import sqlalchemy as sa
 
         from cove.store import schema as t
@@ -349,9 +388,12 @@ class NodeController:
             )
             if row is None:
                 return False
-            beat = last_heartbeat(conn, row)
+            beat = self.store.received_heartbeat(key, last_heartbeat(conn, row))
+        return self._steady_row(row, beat, self.clock())
+
+    def _steady_row(self, row: Any, beat: str | None, now: datetime) -> bool:
         st, spec = row["status"] or {}, row["spec"] or {}
-        age = _age(beat, self.clock())
+        age = _age(beat, now)
         if age is None or age > self.grace or spec.get("draining") or "drain" in st:
             return False
         if spec.get("cordoned"):
@@ -374,7 +416,7 @@ class NodeController:
 
     def reconcile(self, key: str) -> float | None:
         if self._steady(key):
-            return 5.0
+            return None  # the sweep looks at it again
         from cove.store.db import forget_heartbeat, last_heartbeat
 
         with self.store.write() as tx:
@@ -384,7 +426,8 @@ class NodeController:
                 return None
             status = dict(node["status"])
             before = get_condition(status, "Ready")
-            beat = last_heartbeat(tx.conn, node)  # its own table: heartbeats are not writes
+            # its own table (heartbeats are not writes), or received and not written yet
+            beat = self.store.received_heartbeat(key, last_heartbeat(tx.conn, node))
             age = _age(beat, self.clock())
             if age is None:
                 set_condition(

@@ -270,52 +270,98 @@ def backends(
     return out
 
 
+def _edge_endpoints(
+    conn: Any, nodes: list[dict[str, Any]], only: str | None
+) -> dict[str, list[dict[str, Any]]]:
+    """By node: the endpoints its edge serves (for the node *only*, or for every node), each
+    port with the Ready instances behind it; each environment's instances read once."""
+    rows = conn.execute(
+        sa.select(t.resources).where(
+            t.resources.c.kind == "endpoint", t.resources.c.deleting.is_(False)
+        )
+    ).mappings()
+    down = down_nodes(conn, nodes)
+    in_env: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        ep = resource_from_row(row)
+        edge = (ep["status"].get("edge_node") or {}).get("id")
+        if not edge or (only is not None and edge != only):
+            continue
+        env_id = str(row["env_id"])
+        if env_id not in in_env:
+            in_env[env_id] = _env_instances(conn, env_id)
+        addrs = addresses_of(conn, ep["id"])
+        spec = ep["spec"]
+        ports = [
+            {
+                "port": p["port"],
+                "workload": p["workload"],
+                "target_port": p["target_port"],
+                "backends": [
+                    {"instance": b["instance"], "host": b["ipv4"], "port": p["target_port"]}
+                    for b in backends(in_env[env_id], {p["workload"]}, down)
+                ],
+            }
+            for p in spec["ports"]
+        ]
+        out.setdefault(str(edge), []).append(
+            {
+                "endpoint": ep["id"],
+                "name": ep["name"],
+                "protocol": spec["protocol"],
+                "proxy_protocol": spec["proxy_protocol"],
+                "addresses": [a for a in (addrs["ipv6"], addrs["ipv4"]) if a],
+                "ports": ports,
+            }
+        )
+    for eps in out.values():
+        eps.sort(key=lambda e: str(e["endpoint"]))
+    return out
+
+
+def _networks_digest(nodes: list[dict[str, Any]]) -> str:
+    """A digest of what ``routes`` reads of every node: a node's routes change only when
+    this does (so the etag need not carry every node's routes)."""
+    seen = sorted(
+        (
+            str(n["id"]),
+            str(n["name"]),
+            bool(n["metadata"]["deleting"]),
+            str((n["status"].get("network") or {}).get("ipv4") or ""),
+            str((n["status"].get("network") or {}).get("address") or ""),
+        )
+        for n in nodes
+    )
+    return hashlib.sha256(json.dumps(seen).encode()).hexdigest()
+
+
+def _etag(node_id: str, eps: list[dict[str, Any]], networks: str) -> str:
+    doc = {"node": node_id, "endpoints": eps, "networks": networks}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def edge_config(store: Store, node_id: str) -> dict[str, Any]:
     """What the edge on ``node_id`` serves, with a digest of it (``etag``): the node long-polls
     until the digest changes."""
     with store.read() as conn:
-        rows = conn.execute(
-            sa.select(t.resources).where(
-                t.resources.c.kind == "endpoint", t.resources.c.deleting.is_(False)
-            )
-        ).mappings()
-        eps = [(r, resource_from_row(r)) for r in rows]
-        out = []
         nodes = _nodes(conn)
-        down = down_nodes(conn, nodes)
-        for row, ep in eps:
-            if (ep["status"].get("edge_node") or {}).get("id") != node_id:
-                continue
-            addrs = addresses_of(conn, ep["id"])
-            spec = ep["spec"]
-            instances = _env_instances(conn, str(row["env_id"]))
-            ports = []
-            for p in spec["ports"]:
-                ports.append(
-                    {
-                        "port": p["port"],
-                        "workload": p["workload"],
-                        "target_port": p["target_port"],
-                        "backends": [
-                            {"instance": b["instance"], "host": b["ipv4"], "port": p["target_port"]}
-                            for b in backends(instances, {p["workload"]}, down)
-                        ],
-                    }
-                )
-            out.append(
-                {
-                    "endpoint": ep["id"],
-                    "name": ep["name"],
-                    "protocol": spec["protocol"],
-                    "proxy_protocol": spec["proxy_protocol"],
-                    "addresses": [a for a in (addrs["ipv6"], addrs["ipv4"]) if a],
-                    "ports": ports,
-                }
-            )
-    out.sort(key=lambda e: str(e["endpoint"]))
-    cfg: dict[str, Any] = {"endpoints": out, "routes": routes(node_id, nodes)}
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:32]
-    return {"etag": digest, **cfg}
+        eps = _edge_endpoints(conn, nodes, node_id).get(node_id, [])
+    return {
+        "etag": _etag(node_id, eps, _networks_digest(nodes)),
+        "endpoints": eps,
+        "routes": routes(node_id, nodes),
+    }
+
+
+def edge_etags(store: Store) -> dict[str, str]:
+    """Every node's ``edge_config`` etag, from one read of the endpoints and the nodes (what
+    the edge long-polls of all the nodes wait on together: ``cove.api.views``)."""
+    with store.read() as conn:
+        nodes = _nodes(conn)
+        eps = _edge_endpoints(conn, nodes, None)
+    networks = _networks_digest(nodes)
+    return {str(n["id"]): _etag(str(n["id"]), eps.get(str(n["id"]), []), networks) for n in nodes}
 
 
 # -- the controller -----------------------------------------------------------------------------

@@ -11,6 +11,12 @@ periodic resync enqueues everything, so a missed wake-up costs latency, never co
 Everything is enqueued at once at start; later passes start every ``resync`` seconds and are
 fed to each controller at most ``resync_rate`` keys a second, so with 10,000 instances the
 safety net does not crowd out the real work (a pass then takes longer than ``resync``).
+
+Not every write wakes every controller of its kind: a controller may filter the changes
+(``wants``), skip its children's writes (``wakes_on_children = False``) or some of them
+(``wants_child``), or instead of
+keys that poll themselves name, every ``sweep_every`` seconds, those that need a look
+(``sweep``: the node controller, from one read of every node and heartbeat).
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ class Controller(Protocol):
     kinds: tuple[str, ...]
 
     def reconcile(self, key: str) -> float | None: ...
+
+
+def wanted(c: Controller, change: dict[str, Any]) -> bool:
+    """Whether a write (a row of ``Store.changes_since``) wakes *c* for the written resource.
+    A controller may say with ``wants(change)``: most writes at scale are instances' status
+    reports, which need nothing from the scheduler or the garbage collector, and reading
+    each one back to find that out costs more than the filter."""
+    wants: Callable[[dict[str, Any]], bool] | None = getattr(c, "wants", None)
+    return wants is None or wants(change)
 
 
 class WorkQueue:
@@ -140,9 +155,23 @@ class Manager:
         self._receipts: dict[str, set[str]] = {}
         self._receipt_target: dict[str, str] = {}
 
-    def enqueue(self, kind: str, key: str) -> None:
+    def enqueue(self, kind: str, key: str, change: dict[str, Any] | None = None) -> None:
+        """Wake the controllers of *kind* for *key*; with *change*, only those that want it."""
         for c in self._by_kind.get(kind, []):
-            self.queues[c.name].add(key)
+            if change is None or wanted(c, change):
+                self.queues[c.name].add(key)
+
+    def enqueue_parent(self, kind: str, key: str, change: dict[str, Any]) -> None:
+        """A child of *key* was written (*change*): wake the controllers of *kind* that watch
+        children (not those that say ``wakes_on_children = False``: the garbage collector
+        polls a parent while it has children anyway), and of those with a
+        ``wants_child(change)``, only when it says so."""
+        for c in self._by_kind.get(kind, []):
+            if not getattr(c, "wakes_on_children", True):
+                continue
+            wants: Callable[[dict[str, Any]], bool] | None = getattr(c, "wants_child", None)
+            if wants is None or wants(change):
+                self.queues[c.name].add(key)
 
     async def run(self) -> None:
         """Run until cancelled. Every task started here is owned and awaited here.
@@ -172,7 +201,20 @@ class Manager:
             return await asyncio.to_thread(fn, *args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _sweep(self, swept: dict[str, float]) -> None:
+        """Controllers with a ``sweep()`` (every ``sweep_every`` seconds) name the keys that
+        need a look from one read of them all, instead of each key polling itself."""
+        for c in self.controllers:
+            sweep: Callable[[], list[str]] | None = getattr(c, "sweep", None)
+            every = float(getattr(c, "sweep_every", 5.0))
+            if sweep is None or time.monotonic() - swept.get(c.name, 0.0) < every:
+                continue
+            swept[c.name] = time.monotonic()
+            for key in await self._in_pool(sweep):
+                self.queues[c.name].add(key)
+
     async def _watch(self) -> None:
+        swept: dict[str, float] = {}
         last_resync = 0.0
         fed_at = time.monotonic()
         credit = 0.0  # resync keys each controller may be given now (resync_rate a second)
@@ -205,10 +247,11 @@ class Manager:
                     for _ in range(min(int(credit), len(left))):
                         self.queues[name].add(left.pop())
                 credit -= int(credit)
+                await self._sweep(swept)
                 changes = await self._in_pool(self.store.changes_since, self.revision)
                 for ch in changes:
                     self.revision = max(self.revision, int(ch["revision"]))
-                    self.enqueue(ch["kind"], ch["id"])
+                    self.enqueue(ch["kind"], ch["id"], ch)
                     if ch["kind"] == "operation" and ch["parent_id"]:
                         self._receipts.setdefault(ch["parent_id"], set()).add(ch["id"])
                         self._receipt_target[ch["id"]] = ch["parent_id"]
@@ -217,7 +260,7 @@ class Manager:
                     if ch["parent_id"]:
                         k = kind_by_prefix(ch["parent_id"].split("_", 1)[0])
                         if k is not None:
-                            self.enqueue(k.name, ch["parent_id"])
+                            self.enqueue_parent(k.name, ch["parent_id"], ch)
                 if len(changes) >= 1000:
                     continue
             except errors.Transient:

@@ -58,18 +58,38 @@ class RolloutController:
         self.store = store
         self.clock = clock or (lambda: datetime.now(UTC))
 
+    # an instance on its way up (created, placed, preparing, starting) is not Ready and
+    # was not: its reports move no count the rollout keeps, so they do not wake it (the
+    # rollout reads every instance of the environment). A Ready instance that restarts is
+    # counted out at its next report that does wake it ("running", not yet Ready), and a
+    # rollout in progress looks again every second anyway.
+    _STARTING = frozenset(("pending", "placed", "preparing", "starting"))
+
+    @classmethod
+    def wants_child(cls, change: dict[str, Any]) -> bool:
+        if change["kind"] != "instance":
+            return True
+        return bool(
+            change.get("deleting")
+            or (change.get("desired") or "running") != "running"
+            or change.get("state") not in cls._STARTING
+        )
+
     def reconcile(self, key: str) -> float | None:
         with self.store.write() as tx:
-            res = tx.get(key, for_update=True)
-            if res is None:
-                return None
-            if res["kind"] == "workload":
-                env = tx.get(res["parent"]["id"], for_update=True) if res["parent"] else None
-            else:
-                env = res
-            if env is None or env["metadata"]["deleting"]:
-                return None
-            return self._env(tx, env)
+            return self._reconcile(tx, key)
+
+    def _reconcile(self, tx: Tx, key: str) -> float | None:
+        res = tx.get(key, for_update=True)
+        if res is None:
+            return None
+        if res["kind"] == "workload":
+            env = tx.get(res["parent"]["id"], for_update=True) if res["parent"] else None
+        else:
+            env = res
+        if env is None or env["metadata"]["deleting"]:
+            return None
+        return self._env(tx, env)
 
     def _env(self, tx: Tx, env: dict[str, Any]) -> float | None:
         now = self.clock()
@@ -294,6 +314,16 @@ class Scheduler:
     def __init__(self, store: Store, *, batch: int = SCHEDULE_BATCH) -> None:
         self.store = store
         self.batch = batch
+
+    @staticmethod
+    def wants(change: dict[str, Any]) -> bool:
+        """Only an instance without a node, or one no longer wanted and gone from its node:
+        the same test as the read in ``reconcile``, on the change itself."""
+        if not change.get("node"):
+            return True
+        return (change.get("desired") or "running") != "running" and change.get(
+            "state"
+        ) == "destroyed"
 
     def reconcile(self, key: str) -> float | None:
         # read first: most wake-ups are status reports of placed instances, which need

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -137,6 +137,9 @@ def event_from_row(row: RowMapping) -> dict[str, Any]:
             "deleting": False,
         },
     }
+
+
+T = TypeVar("T")
 
 
 class Scope:
@@ -402,11 +405,30 @@ class Tx:
         self.conn.execute(sa.insert(t.cluster_settings).values(key=key, value=value))
 
 
+class _Combined:
+    """One caller's function waiting for ``Store.write_combined``."""
+
+    def __init__(self, fn: Callable[[Tx], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.lead = False  # set when this caller is to write the next batch itself
+        self.done = threading.Event()
+
+
+class _Combining:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: list[_Combined] = []
+        self.writing = False
+
+
 class _PendingBeats:
     """Heartbeats waiting for the flush in progress (``Store.heartbeat``)."""
 
     def __init__(self) -> None:
         self.pending: dict[str, str] = {}
+        self.inflight: dict[str, str] = {}  # the batch being written
         self.lock = threading.Lock()
         self.flushing = False
 
@@ -422,6 +444,7 @@ class Store:
         # (setting, value) every write of this view checks first (see fenced)
         self._fence: tuple[str, str] | None = None
         self._beats = _PendingBeats()  # shared with the views (see fenced)
+        self._combining = _Combining()
         self.engine: Engine = self._make_engine(url)
 
     # -- setup -----------------------------------------------------------------------------
@@ -434,7 +457,10 @@ class Store:
             engine = sa.create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 30},
-                pool_size=8,
+                # connections are kept, not opened per use: the API's and the controllers'
+                # threads together use dozens at once, and opening one (WAL, schema) is
+                # dear next to the query it serves
+                pool_size=48,
                 max_overflow=32,
             )
 
@@ -511,13 +537,26 @@ class Store:
                     b.pending = {**batch, **b.pending}
                     b.flushing = False
                     return
+                b.inflight = batch
             try:
                 self._write_heartbeats(batch)
             except BaseException:
                 with b.lock:  # the next heartbeat's flush retries them
                     b.pending = {**batch, **b.pending}
+                    b.inflight = {}
                     b.flushing = False
                 raise
+            with b.lock:
+                b.inflight = {}
+
+    def received_heartbeat(self, node_id: str, stored: str | None) -> str | None:
+        """The newer of *stored* (what the database says) and a heartbeat this process has
+        received but not written yet: a flush waiting for the write lock on a busy server
+        must not make a node look late."""
+        b = self._beats
+        with b.lock:
+            seen = [x for x in (stored, b.pending.get(node_id), b.inflight.get(node_id)) if x]
+        return max(seen) if seen else None
 
     def _write_heartbeats(self, batch: dict[str, str]) -> None:
         rows = [{"node_id": n, "at": at} for n, at in sorted(batch.items())]
@@ -599,6 +638,61 @@ class Store:
         if tx.last_revision:
             for fn in self._listeners:
                 fn(tx.last_revision)
+
+    def write_combined(self, fn: Callable[[Tx], T], *, batch: int = 200) -> T:
+        """``fn(tx)`` in a write transaction shared with the functions other threads submit
+        meanwhile (group commit): the caller that finds no batch being written writes every
+        one pending (up to *batch*) in one transaction, each in a savepoint of its own (one
+        that raises fails alone and leaves nothing), then hands the next batch, if any, to
+        the first caller in it. The others wait for their result without queueing for the
+        write lock, so 500 agents' status reports cost one turn of it per batch, and the
+        controllers queue behind one writer, not sixteen. For short writes of independent
+        rows (what an agent reports about its own instances)."""
+        me = _Combined(fn)
+        c = self._combining
+        with c.lock:
+            c.pending.append(me)
+            me.lead = not c.writing
+            c.writing = True
+        if not me.lead:
+            me.done.wait()  # written with a batch, or handed the next batch to write
+            if not me.lead:
+                if me.error is not None:
+                    raise me.error
+                return me.result  # type: ignore[no-any-return]
+        with c.lock:
+            todo, c.pending = c.pending[:batch], c.pending[batch:]
+        try:
+            self._write_batch(todo)
+        finally:
+            with c.lock:
+                if c.pending:
+                    c.pending[0].lead = True
+                    c.pending[0].done.set()
+                else:
+                    c.writing = False
+            for other in todo:
+                if other is not me:
+                    other.done.set()
+        if me.error is not None:
+            raise me.error
+        return me.result  # type: ignore[no-any-return]
+
+    def _write_batch(self, todo: builtins.list[_Combined]) -> None:
+        try:
+            with self.write() as tx:
+                for item in todo:
+                    try:
+                        with tx.conn.begin_nested():
+                            item.result = item.fn(tx)
+                    except Exception as exc:
+                        item.error = exc
+        except BaseException as exc:  # the transaction itself failed: every write with it
+            for item in todo:
+                if item.error is None:
+                    item.error = exc
+            if not isinstance(exc, Exception):
+                raise
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -728,10 +822,21 @@ class Store:
             return int(conn.execute(q).scalar_one())
 
     def changes_since(self, revision: int, limit: int = 1000) -> builtins.list[dict[str, Any]]:
-        """Resources written after *revision*, in revision order (controllers' watch)."""
+        """Resources written after *revision*, in revision order (controllers' watch), with
+        what controllers filter their wake-ups on: whether it is being deleted, and an
+        instance's node, desired state and state (``None`` for other kinds)."""
         c = t.resources.c
         q = (
-            sa.select(c.id, c.kind, c.parent_id, c.revision)
+            sa.select(
+                c.id,
+                c.kind,
+                c.parent_id,
+                c.revision,
+                c.deleting,
+                c.spec["node"].as_string().label("node"),
+                c.spec["desired"].as_string().label("desired"),
+                c.status["state"].as_string().label("state"),
+            )
             .where(c.revision > revision)
             .order_by(c.revision)
             .limit(limit)
