@@ -541,7 +541,12 @@ def run_backend(
             time.sleep(1.0)
         out["nodes_ready_seconds"] = round(time.monotonic() - t0, 2)
         note(f"[{backend}] API latency with {args.nodes} idle agents ({args.idle_seconds:g}s)")
+        idle0, idle_t = server.cpu_seconds(), time.monotonic()
         out["agents_idle"] = sampler.measure_for(args.idle_seconds)
+        # what the joined agents alone cost (heartbeats, long-polls, the node controller)
+        out["idle_server_cpu_share"] = round(
+            (server.cpu_seconds() - idle0) / max(1e-6, time.monotonic() - idle_t), 2
+        )
 
         note(
             f"[{backend}] deploying {args.instances:,} instances: {n_apps} apps, "
@@ -759,6 +764,10 @@ def print_report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 f"{_fmt(r.get('register_seconds'))} s / {_fmt(r.get('nodes_ready_seconds'))} s",
             ),
             ("server CPU during convergence", f"{_fmt(r.get('server_cpu_s'))} s"),
+            (
+                "server CPU with the agents idle (cores)",
+                f"{_fmt(r.get('idle_server_cpu_share'), '.2f')} (with the latency sampler)",
+            ),
             ("agents' process CPU during convergence", f"{_fmt(r.get('agents_cpu_s'))} s"),
         ]
         w = max(len(a) for a, _ in rows)

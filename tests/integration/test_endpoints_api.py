@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+import cove.control.endpoints as endpoints
 from cove.api import create_app
 from cove.model.resource import get_condition
 from cove.net.pools import Pools
@@ -262,6 +263,15 @@ def test_a_node_is_told_what_to_serve_and_its_report_reaches_the_endpoint(
         )
     )
     assert again["etag"] == cfg["etag"]
+    # the shared view every node's long-poll waits on computes the same etag, from one read
+    # of all the nodes (another node, serving nothing, gets one of its own)
+    other = ok(
+        api.post("/v1/nodes/register", json={"name": "n2", "join_token": token, "capacity": {}}),
+        201,
+    )["node"]["id"]
+    etags = endpoints.edge_etags(store)
+    assert etags[node_id] == endpoints.edge_config(store, node_id)["etag"]
+    assert etags[other] == endpoints.edge_config(store, other)["etag"] != etags[node_id]
     # users can't read it, another node neither
     problem(api.get(f"/v1/nodes/{node_id}/edge", headers=user.headers), 403)
 

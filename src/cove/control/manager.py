@@ -14,9 +14,9 @@ safety net does not crowd out the real work (a pass then takes longer than ``res
 
 Not every write wakes every controller of its kind: a controller may filter the changes
 (``wants``), skip its children's writes (``wakes_on_children = False``) or some of them
-(``wants_child``), or instead of
-keys that poll themselves name, every ``sweep_every`` seconds, those that need a look
-(``sweep``: the node controller, from one read of every node and heartbeat).
+(``wants_child``), or, instead of keys that poll themselves, name every ``sweep_every``
+seconds those that need a look (``sweep``: the node controller, from one read of every
+node and heartbeat).
 """
 
 from __future__ import annotations

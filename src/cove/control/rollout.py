@@ -396,47 +396,30 @@ class Scheduler:
             nodes = [by_id[home]] if home in by_id else []
         want_mem = int(ins["spec"].get("memory_mb", 256))
         want_cpu = int(ins["spec"].get("cpu_millis", 500))
-        reasons: list[str] = []
-        candidates: list[tuple[tuple[int, int], dict[str, Any], str]] = []
+        wl_id = ins["parent"]["id"]
+        # the common case first, cheaply: what does not change within the scheduling
+        # transaction (region, Ready, cordon, Schedulable, totals) is looked at once per node
+        # and batch, and the reasons a node was passed over are spelled out only when no
+        # node can take the instance
+        best: tuple[tuple[int, int], dict[str, Any]] | None = None
         for n in nodes:
-            label = f"node {n['name']}"
-            in_region = n["spec"].get("region") or "local"
-            if region and in_region != region:
-                reasons.append(f"{label} is in region {in_region}, not {region}")
+            fit = view.fit(n, region)
+            if fit is None:
                 continue
-            if not _ready(n):
-                reasons.append(f"{label} is not Ready")
-                continue
-            if n["spec"].get("cordoned") or n["spec"].get("draining"):
-                reasons.append(
-                    f"{label} is {'drained' if n['spec'].get('draining') else 'cordoned'}"
-                )
-                continue
-            sched = get_condition(n["status"], "Schedulable")
-            if sched is None or sched["status"] != "true":
-                why = sched["message"] if sched else "not schedulable"
-                reasons.append(f"{label}: {why}")
-                continue
-            alloc = n["status"].get("allocatable") or n["status"].get("capacity") or {}
-            mem_total = int(alloc.get("memory_mb", 0))
-            cpu_total = int(float(alloc.get("vcpu", 0)) * 1000 * CPU_OVERCOMMIT)
+            mem_total, cpu_total = fit
             mem_used, cpu_used = view.used.get(n["id"], (0, 0))
-            if mem_used + want_mem > mem_total:
-                reasons.append(
-                    f"{label} lacks memory ({mem_total - mem_used} MiB free, {want_mem} needed)"
-                )
+            if mem_used + want_mem > mem_total or cpu_used + want_cpu > cpu_total:
                 continue
-            if cpu_used + want_cpu > cpu_total:
-                reasons.append(f"{label} lacks CPU")
-                continue
-            same = view.same(ins["parent"]["id"], n["id"])
-            free = mem_total - mem_used - want_mem
-            why = f"{same} other instance(s) of this workload there, {free} MiB left after"
-            if region:
-                why += f"; the environment is pinned to region {region}"
-            candidates.append(((same, -free), n, why))
+            score = (view.same(wl_id, n["id"]), -(mem_total - mem_used - want_mem))
+            if best is None or score < best[0]:  # the first best in node ID order
+                best = (score, n)
         st = dict(ins["status"])
-        if not candidates:
+        if best is None:
+            reasons = [
+                r
+                for r in (_passed_over(n, view, region, want_mem, want_cpu) for n in nodes)
+                if r is not None
+            ]
             msg = "no node can take it: " + ("; ".join(reasons) if reasons else "no nodes joined")
             if pinned:
                 names = [v["name"] for v in volumes]
@@ -448,8 +431,10 @@ class Scheduler:
                 tx.update(ins["id"], status=st)
                 tx.event(ins, "Warning", "FailedScheduling", msg)
             return 5.0
-        candidates.sort(key=lambda c: c[0])
-        _, node, why = candidates[0]
+        (same, neg_free), node = best
+        why = f"{same} other instance(s) of this workload there, {-neg_free} MiB left after"
+        if region:
+            why += f"; the environment is pinned to region {region}"
         for vol in volumes:
             if not vol["spec"].get("node"):
                 tx.update(vol["id"], spec=dict(vol["spec"], node=node["id"]))
@@ -463,6 +448,45 @@ class Scheduler:
         tx.event(new, "Normal", "Scheduled", msg)
         view.placed(new, node["id"])
         return None
+
+
+def _static_refusal(n: dict[str, Any], region: str | None) -> str | None:
+    """Why node *n* can take no instance at all now (region, Ready, cordon, Schedulable)."""
+    label = f"node {n['name']}"
+    in_region = n["spec"].get("region") or "local"
+    if region and in_region != region:
+        return f"{label} is in region {in_region}, not {region}"
+    if not _ready(n):
+        return f"{label} is not Ready"
+    if n["spec"].get("cordoned") or n["spec"].get("draining"):
+        return f"{label} is {'drained' if n['spec'].get('draining') else 'cordoned'}"
+    sched = get_condition(n["status"], "Schedulable")
+    if sched is None or sched["status"] != "true":
+        why = sched["message"] if sched else "not schedulable"
+        return f"{label}: {why}"
+    return None
+
+
+def _totals(n: dict[str, Any]) -> tuple[int, int]:
+    """A node's memory (MiB) and CPU (millicores, overcommitted) for instances."""
+    alloc = n["status"].get("allocatable") or n["status"].get("capacity") or {}
+    return int(alloc.get("memory_mb", 0)), int(float(alloc.get("vcpu", 0)) * 1000 * CPU_OVERCOMMIT)
+
+
+def _passed_over(
+    n: dict[str, Any], view: _ClusterView, region: str | None, want_mem: int, want_cpu: int
+) -> str | None:
+    """Why node *n* cannot take an instance of that size (None: it can)."""
+    refusal = _static_refusal(n, region)
+    if refusal is not None:
+        return refusal
+    mem_total, cpu_total = _totals(n)
+    mem_used, cpu_used = view.used.get(n["id"], (0, 0))
+    if mem_used + want_mem > mem_total:
+        return f"node {n['name']} lacks memory ({mem_total - mem_used} MiB free, {want_mem} needed)"
+    if cpu_used + want_cpu > cpu_total:
+        return f"node {n['name']} lacks CPU"
+    return None
 
 
 class _ClusterView:
@@ -496,6 +520,15 @@ class _ClusterView:
             str(n): (int(m), int(cpu)) for n, m, cpu in tx.conn.execute(q)
         }
         self._same: dict[str, dict[str, int]] = {}
+        self._fit: dict[tuple[str, str | None], tuple[int, int] | None] = {}
+
+    def fit(self, n: dict[str, Any], region: str | None) -> tuple[int, int] | None:
+        """The node's totals (memory, CPU) if it takes instances at all in *region*, else
+        None; worked out once per node and region for the transaction."""
+        key = (str(n["id"]), region)
+        if key not in self._fit:
+            self._fit[key] = _totals(n) if _static_refusal(n, region) is None else None
+        return self._fit[key]
 
     def same(self, workload_id: str, node_id: str) -> int:
         """Instances of the workload placed on the node that should run."""
