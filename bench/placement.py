@@ -451,10 +451,17 @@ class Api:
         self.http = httpx.Client(base_url=url, headers=headers, timeout=120)
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
-        try:
-            r = self.http.request(method, path, json=body, params=params or None)
-        except httpx.HTTPError as exc:
-            raise BenchError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        # a read is sent again once after a transport error (a kept-alive connection the
+        # server closed as the request went out); a write never is (see deploy)
+        for attempt in (1, 2):
+            try:
+                r = self.http.request(method, path, json=body, params=params or None)
+                break
+            except httpx.TransportError as exc:
+                if method != "GET" or attempt == 2:
+                    raise BenchError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise BenchError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         if r.status_code >= 400:
             raise BenchError(f"{method} {path} -> {r.status_code}: {r.text[:300]}")
         return r.json() if r.content else None

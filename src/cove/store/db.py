@@ -647,7 +647,8 @@ class Store:
         the first caller in it. The others wait for their result without queueing for the
         write lock, so 500 agents' status reports cost one turn of it per batch, and the
         controllers queue behind one writer, not sixteen. For short writes of independent
-        rows (what an agent reports about its own instances)."""
+        rows (what an agent reports about its own instances); never from inside a write
+        transaction (the writer of the batch would wait for the caller's lock)."""
         me = _Combined(fn)
         c = self._combining
         with c.lock:
