@@ -145,7 +145,7 @@ def test_the_manager_filters_changes_children_and_sweeps() -> None:
         "picky",
         ("instance", "workload"),
         wants=lambda ch: ch["node"] is None,
-        wakes_on_children=False,
+        wants_child=lambda ch: False,
     )
     sweeps: list[float] = []
 

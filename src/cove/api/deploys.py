@@ -7,7 +7,6 @@ are a prior release's (image digest, workloads, variables *and* secrets version)
 stays linear.
 """
 
-import asyncio
 import json
 import os
 import time
@@ -851,8 +850,6 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
             )
         )
         return values
-
-    _ = asyncio
 
 
 def _reason(state: str, health: str) -> str:

@@ -106,15 +106,16 @@ class GarbageCollector:
         "secret",
     )
 
-    # a resource being deleted is polled while it has children: their writes need not wake it
-    wakes_on_children = False
-
     def __init__(self, store: Store) -> None:
         self.store = store
 
     @staticmethod
     def wants(change: dict[str, Any]) -> bool:
         return bool(change["deleting"])
+
+    @staticmethod
+    def wants_child(change: dict[str, Any]) -> bool:
+        return False  # a resource being deleted is polled while it has children
 
     def reconcile(self, key: str) -> float | None:
         row = self.store.get_row(key)  # read first: only resources being deleted need a write

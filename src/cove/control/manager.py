@@ -13,8 +13,8 @@ fed to each controller at most ``resync_rate`` keys a second, so with 10,000 ins
 safety net does not crowd out the real work (a pass then takes longer than ``resync``).
 
 Not every write wakes every controller of its kind: a controller may filter the changes
-(``wants``), skip its children's writes (``wakes_on_children = False``) or some of them
-(``wants_child``), or, instead of keys that poll themselves, name every ``sweep_every``
+to its own resources (``wants``) and to their children (``wants_child``), or, instead of
+keys that poll themselves, name every ``sweep_every``
 seconds those that need a look (``sweep``: the node controller, from one read of every
 node and heartbeat).
 """
@@ -45,12 +45,15 @@ class Controller(Protocol):
     def reconcile(self, key: str) -> float | None: ...
 
 
-def wanted(c: Controller, change: dict[str, Any]) -> bool:
-    """Whether a write (a row of ``Store.changes_since``) wakes *c* for the written resource.
-    A controller may say with ``wants(change)``: most writes at scale are instances' status
-    reports, which need nothing from the scheduler or the garbage collector, and reading
-    each one back to find that out costs more than the filter."""
-    wants: Callable[[dict[str, Any]], bool] | None = getattr(c, "wants", None)
+def wanted(c: Controller, change: dict[str, Any], *, child: bool = False) -> bool:
+    """Whether a write (a row of ``Store.changes_since``) wakes *c* for the written resource
+    (or, with *child*, for its parent). A controller may say with ``wants(change)`` (and
+    ``wants_child(change)``): most writes at scale are instances' status reports, which
+    need nothing from the scheduler or the garbage collector, and reading each one back to
+    find that out costs more than the filter."""
+    wants: Callable[[dict[str, Any]], bool] | None = getattr(
+        c, "wants_child" if child else "wants", None
+    )
     return wants is None or wants(change)
 
 
@@ -162,15 +165,10 @@ class Manager:
                 self.queues[c.name].add(key)
 
     def enqueue_parent(self, kind: str, key: str, change: dict[str, Any]) -> None:
-        """A child of *key* was written (*change*): wake the controllers of *kind* that watch
-        children (not those that say ``wakes_on_children = False``: the garbage collector
-        polls a parent while it has children anyway), and of those with a
-        ``wants_child(change)``, only when it says so."""
+        """A child of *key* was written (*change*): wake the controllers of *kind* that want
+        it (``wants_child``)."""
         for c in self._by_kind.get(kind, []):
-            if not getattr(c, "wakes_on_children", True):
-                continue
-            wants: Callable[[dict[str, Any]], bool] | None = getattr(c, "wants_child", None)
-            if wants is None or wants(change):
+            if wanted(c, change, child=True):
                 self.queues[c.name].add(key)
 
     async def run(self) -> None:

@@ -77,19 +77,16 @@ class RolloutController:
 
     def reconcile(self, key: str) -> float | None:
         with self.store.write() as tx:
-            return self._reconcile(tx, key)
-
-    def _reconcile(self, tx: Tx, key: str) -> float | None:
-        res = tx.get(key, for_update=True)
-        if res is None:
-            return None
-        if res["kind"] == "workload":
-            env = tx.get(res["parent"]["id"], for_update=True) if res["parent"] else None
-        else:
-            env = res
-        if env is None or env["metadata"]["deleting"]:
-            return None
-        return self._env(tx, env)
+            res = tx.get(key, for_update=True)
+            if res is None:
+                return None
+            if res["kind"] == "workload":
+                env = tx.get(res["parent"]["id"], for_update=True) if res["parent"] else None
+            else:
+                env = res
+            if env is None or env["metadata"]["deleting"]:
+                return None
+            return self._env(tx, env)
 
     def _env(self, tx: Tx, env: dict[str, Any]) -> float | None:
         now = self.clock()
