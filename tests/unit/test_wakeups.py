@@ -207,3 +207,62 @@ def test_a_node_view_wakes_only_the_nodes_whose_value_changed() -> None:
     assert changed == {"node_7"}
     # read again at most every 0.1 s while the revision moved, not once per write or waiter
     assert 1 <= extra_reads <= 12, extra_reads
+
+
+def test_a_node_view_read_by_a_long_polls_thread_still_wakes_the_waiters() -> None:
+    """The view can be read again by a long-poll's own thread while the refresher waits for
+    it (the refresher then finds the lock taken and the view as it was). The waiters must
+    still be woken by that newer view, not only at the next write (the CI run where a
+    rolling deploy's old instance was stopped while the edge still sent it connections)."""
+    from anyio import CapacityLimiter
+
+    from cove.api.views import NodeView
+
+    state = {"node_1": 1, "node_2": 2}
+    gate = threading.Event()
+    gate.set()
+
+    def read() -> dict[str, int]:
+        gate.wait(5)
+        return dict(state)
+
+    async def run() -> tuple[float | None, bool]:
+        n = RevisionNotifier()
+        n.bind(asyncio.get_running_loop())
+        limiter = CapacityLimiter(1)
+        view = NodeView(n, read, limiter, every=0.05)
+        have = view.fingerprint("node_1", await view.now())
+        t0 = time.monotonic()
+        woke: list[float] = []
+
+        async def wait() -> None:
+            await view.changed("node_1", have, 3.0)
+            woke.append(time.monotonic() - t0)
+
+        waiter = asyncio.create_task(wait())
+        await asyncio.sleep(0.1)
+        await limiter.acquire()  # the refresher's read waits for a thread
+        gate.clear()  # and the next read takes a while
+        state["node_1"] = -1
+        n.bump(5)
+        await asyncio.sleep(0.05)
+        # a long-poll's own thread reads the view meanwhile
+        reader = threading.Thread(target=view.current)
+        reader.start()
+        for _ in range(1000):
+            if view.lock.locked():
+                break
+            await asyncio.sleep(0.001)
+        limiter.release()  # the refresher finds the lock taken and the view as it was
+        await asyncio.sleep(0.3)
+        gate.set()
+        await asyncio.to_thread(reader.join, 5)
+        await asyncio.wait_for(waiter, 4.0)
+        # a waiter that comes after the view moved returns at once
+        t1 = time.monotonic()
+        await view.changed("node_2", view.fingerprint("node_2", {"node_2": 0}), 3.0)
+        return (woke[0] if woke else None), time.monotonic() - t1 < 0.5
+
+    woke_after, late_waiter_returned = asyncio.run(run())
+    assert woke_after is not None and woke_after < 1.5, woke_after
+    assert late_waiter_returned

@@ -86,6 +86,8 @@ class NodeView(Generic[V]):
     async def changed(self, node_id: str, fingerprint: int, timeout: float) -> None:
         """Return when the view shows *node_id* other than *fingerprint*, or after *timeout*
         seconds."""
+        if self.fingerprint(node_id) != fingerprint:
+            return  # the view moved on after the caller looked at it
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(node_id, {})[fut] = fingerprint
         if self.refresher is None or self.refresher.done():
@@ -101,20 +103,31 @@ class NodeView(Generic[V]):
             if not mine:
                 self.waiting.pop(node_id, None)
 
+    def _wake(self, view: dict[str, V]) -> None:
+        for node_id, futs in list(self.waiting.items()):
+            fp = self.fingerprint(node_id, view)
+            for fut, had in list(futs.items()):
+                if fp != had and not fut.done():
+                    fut.set_result(None)
+
     async def _refresh(self) -> None:
-        """While anyone waits: when the revision moves, read the view again and wake the
-        waiters whose node changed."""
+        """While anyone waits: when the revision moves, read the view again; whenever the
+        view is a new one (read here or by a long-poll's own thread), wake the waiters whose
+        node changed in it."""
+        checked: dict[str, V] | None = None
         while self.waiting:
             try:
-                await self.notifier.wait(self.revision, 1.0)
                 if self.notifier.revision != self.revision:
-                    view = await to_thread.run_sync(self.current, limiter=self.limiter)
-                    for node_id, futs in list(self.waiting.items()):
-                        fp = self.fingerprint(node_id, view)
-                        for fut, had in list(futs.items()):
-                            if fp != had and not fut.done():
-                                fut.set_result(None)
-                await asyncio.sleep(self.every)
+                    await to_thread.run_sync(self.current, limiter=self.limiter)
+                view = self.by_node
+                if view is not checked:
+                    self._wake(view)
+                    checked = view
+                if self.notifier.revision != self.revision:
+                    # still behind: read too recently, or another thread is reading now
+                    await asyncio.sleep(self.every)
+                else:
+                    await self.notifier.wait(self.revision, 1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:
