@@ -9,9 +9,11 @@ agent's own client (``cove.client.AsyncClient``): register with the join token (
 ``sim``), heartbeat every 5 s, long-poll ``GET /v1/nodes/{id}/assignments`` and, for each
 instance placed on them, report it the way ``cove.agent.instance`` does with the sim driver
 (fetch its secrets; ``preparing``, ``starting``, ``running``, event ``Started``, then
-``running`` + Ready). Then it deploys ``--instances`` instances (10,000): apps of one
-workload each, ``count`` up to 100 (the most one workload takes), size nano, an ``oci:``
-image resolved by the server at deploy time (nothing is pulled by a sim node).
+``running`` + Ready), through the agent's own ``cove.agent.reports.Reporter`` (one request
+per node every 0.1 s, an instance's newer status replacing the one not yet sent). Then it
+deploys ``--instances`` instances (10,000): apps of one workload each, ``count`` up to 100
+(the most one workload takes), size nano, an ``oci:`` image resolved by the server at deploy
+time (nothing is pulled by a sim node).
 
 It measures:
 
@@ -86,6 +88,26 @@ class AgentStats:
     last_error: str = ""
 
 
+def counted_reporter(client: Any, node_id: str, stats: AgentStats) -> Any:
+    """The agent's own ``cove.agent.reports.Reporter``, its requests and errors counted."""
+    from cove import errors
+    from cove.agent.reports import Reporter
+
+    class Counted(Reporter):
+        async def send(self) -> None:
+            if not (self.statuses or self.events):
+                return await super().send()
+            stats.requests += 1
+            try:
+                await super().send()
+            except errors.CoveError as exc:
+                stats.errors += 1
+                stats.last_error = f"PUT reports: {exc.detail}"
+                raise
+
+    return Counted(client, node_id)
+
+
 class SimNode:
     """One simulated node: the calls a real agent makes with the sim driver, nothing else."""
 
@@ -98,6 +120,7 @@ class SimNode:
         self.client: Any = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wanted: dict[str, str] = {}
+        self.reports: Any = None
 
     async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         from cove import errors
@@ -145,6 +168,7 @@ class SimNode:
             await anon.aclose()
         self.node_id = str(res["node"]["id"])
         self.client = AsyncClient(self.url, str(res["token"]), timeout=90.0)
+        self.reports = counted_reporter(self.client, self.node_id, self.stats)
         self.stats.registered += 1
 
     async def heartbeat(self, capacity: dict[str, float]) -> None:
@@ -184,9 +208,7 @@ class SimNode:
                 if iid not in seen:
                     self.wanted[iid] = "gone"
 
-    async def status(self, iid: str, **body: Any) -> None:
-        from cove import errors
-
+    def status(self, iid: str, **body: Any) -> None:
         doc = {
             "state": "placed",
             "health": "unknown",
@@ -201,15 +223,7 @@ class SimNode:
             "started_at": None,
         }
         doc.update(body)
-        # the real worker re-sends an unsent report at its next tick: retry likewise
-        for attempt in range(10):
-            try:
-                await self.call("PUT", f"/v1/instances/{iid}/status", doc)
-                return
-            except errors.NotFound:
-                return
-            except errors.CoveError:
-                await asyncio.sleep(0.5 * (attempt + 1))
+        self.reports.status(iid, doc)  # sent with the node's others, as the agent does
 
     async def instance(self, iid: str, ins: dict[str, Any]) -> None:
         """cove.agent.instance.InstanceWorker with the sim driver, as HTTP calls."""
@@ -219,24 +233,19 @@ class SimNode:
         try:
             if self.wanted.get(iid) != "running":
                 return
-            await self.status(iid, state="preparing", message="pulling the image (sim: nothing)")
+            self.status(iid, state="preparing", message="pulling the image (sim: nothing)")
             with contextlib.suppress(errors.CoveError):
                 await self.call("GET", f"/v1/instances/{iid}/secrets")
-            await self.status(iid, state="starting", message="creating the sandbox")
+            self.status(iid, state="starting", message="creating the sandbox")
             await asyncio.sleep(0.05)  # SimDriver's default start delay
             n = len(self.tasks) % 250 + 2
             addresses = {"ipv4": f"10.213.0.{n}", "ipv6": f"fd00:c0e::{n:x}"}
             started = now_iso()
-            await self.status(
+            self.status(
                 iid, state="running", message="started", addresses=addresses, started_at=started
             )
-            with contextlib.suppress(errors.CoveError):
-                await self.call(
-                    "POST",
-                    f"/v1/instances/{iid}/events",
-                    {"type": "Normal", "reason": "Started", "message": "sim as user 0 on sim"},
-                )
-            await self.status(
+            self.reports.event(iid, "Normal", "Started", "sim as user 0 on sim")
+            self.status(
                 iid,
                 state="running",
                 health="passing",
@@ -248,9 +257,9 @@ class SimNode:
             self.stats.started += 1
             while self.wanted.get(iid) == "running":
                 await asyncio.sleep(1.0)
-            await self.status(iid, state="stopping", message="stopping")
-            await self.status(iid, state="stopped", last_exit_code=0, message="stopped")
-            await self.status(iid, state="destroyed", message="destroyed")
+            self.status(iid, state="stopping", message="stopping")
+            self.status(iid, state="stopped", last_exit_code=0, message="stopped")
+            self.status(iid, state="destroyed", message="destroyed")
             self.stats.stopped += 1
         finally:
             self.tasks.pop(iid, None)
@@ -273,6 +282,7 @@ async def _run_agents(
     for s in sims:
         tasks.append(asyncio.ensure_future(s.heartbeat(capacity)))
         tasks.append(asyncio.ensure_future(s.assignments()))
+        tasks.append(asyncio.ensure_future(s.reports.run()))
     loop = asyncio.get_running_loop()
     while True:
         ready = await loop.run_in_executor(None, conn.poll, 1.0)

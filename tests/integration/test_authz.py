@@ -378,6 +378,21 @@ def _builders(method: str, path: str, b_org: str) -> list[tuple[str, Builder]]:
         # node-only: a user is refused for any node; tried with A's project ID
         body = {"endpoints": {}} if method == "PUT" else None
         return [("id", lambda s: Req(method, f"/v1/nodes/{s.id('project')}/edge", body=body))]
+    if path == "/v1/nodes/{node_id}/reports":
+        # node-only: a user is refused for any node, whatever instances the body names
+        def reports(s: Side) -> Req:
+            return Req(
+                method,
+                f"/v1/nodes/{s.id('project')}/reports",
+                body={
+                    "statuses": {s.id("instance"): {"state": "running"}},
+                    "events": [
+                        {"instance": s.id("instance"), "type": "Normal", "reason": "X"}
+                    ],
+                },
+            )
+
+        return [("id", reports)]
     if path == "/v1/volumes/{vol_id}/released":
         # node-only: users are refused whatever the volume
         return [("id", lambda s: Req(method, f"/v1/volumes/{s.id('volume')}/released"))]

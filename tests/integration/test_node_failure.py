@@ -237,3 +237,68 @@ def test_drain_moves_what_can_move_and_says_what_cannot(world: World) -> None:
     settle(w.store)
     n1 = get(w.api, w.user, "/v1/nodes/n1")
     assert get_condition(n1["status"], "Drained") is None and "drain" not in n1["status"]
+
+
+def test_a_nodes_batched_reports_write_its_own_instances_and_nothing_else(world: World) -> None:
+    """``PUT /v1/nodes/{id}/reports`` (what the agent sends for the whole node): statuses
+    and events of the node's own instances are written in one go; another node's instance,
+    an unknown ID and a resource that is not an instance are answered as ``missing`` and
+    left as they were; a malformed or oversized batch is refused whole."""
+    w = world
+    w.deploy(count=4)
+    settle(w.store)
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for ins in running(w):
+        by_node.setdefault(w.node_of(ins), []).append(ins)
+    assert set(by_node) == {"n1", "n2"}, by_node
+    node_id, hdr = w.nodes["n1"]
+    mine, theirs = by_node["n1"], by_node["n2"][0]
+    env = get(w.api, w.user, "/v1/environments/prod", **SCOPE)
+    before = {i["id"]: i["metadata"]["revision"] for i in w.instances()}
+    ready = {"state": "running", "health": "passing", "ready": True, "driver": "sandbox"}
+    statuses = {i["id"]: dict(ready, addresses={"ipv4": f"10.0.0.{n}"}) for n, i in enumerate(mine)}
+    statuses[theirs["id"]] = ready
+    statuses["ins_doesnotexist"] = ready
+    statuses[env["id"]] = ready
+    events = [
+        {"instance": mine[0]["id"], "type": "Normal", "reason": "Started", "message": "up"},
+        {"instance": theirs["id"], "type": "Warning", "reason": "Forged", "message": "no"},
+    ]
+    res = ok(
+        w.api.put(
+            f"/v1/nodes/{node_id}/reports",
+            json={"statuses": statuses, "events": events},
+            headers=hdr,
+        )
+    )
+    assert res["statuses"] == len(mine) and res["events"] == 1
+    assert res["missing"] == sorted([theirs["id"], "ins_doesnotexist", env["id"]])
+    after = {i["id"]: i for i in w.instances()}
+    for n, i in enumerate(mine):
+        st = after[i["id"]]["status"]
+        assert st["state"] == "running" and st["addresses"] == {"ipv4": f"10.0.0.{n}"}
+        assert get_condition(st, "Ready")["status"] == "true"  # type: ignore[index]
+    assert after[theirs["id"]]["metadata"]["revision"] == before[theirs["id"]]
+    assert get(w.api, w.user, "/v1/environments/prod", **SCOPE)["metadata"] == env["metadata"]
+    reasons = [e["spec"]["reason"] for e in w.events("Started")]
+    assert len(reasons) == 1 and not w.events("Forged")
+    # refused whole: a bad state, a batch too large, another node's token; nothing written
+    head = w.store.head_revision()
+    bad = {mine[0]["id"]: {"state": "exploded"}, mine[1]["id"]: ready}
+    too_many = {f"ins_{n:05d}": ready for n in range(501)}
+    _, other_hdr = w.nodes["n2"]
+    for body, headers, code in (
+        ({"statuses": bad}, hdr, 422),
+        ({"statuses": too_many}, hdr, 422),
+        (
+            {"events": [{"instance": mine[0]["id"], "type": "Normal", "reason": "no spaces"}]},
+            hdr,
+            422,
+        ),
+        ({"statuses": {"x" * 65: ready}}, hdr, 422),
+        ({"statuses": {mine[0]["id"]: ready}}, other_hdr, 403),
+        ({"statuses": {mine[0]["id"]: ready}}, w.user.headers, 403),
+    ):
+        r = w.api.put(f"/v1/nodes/{node_id}/reports", json=body, headers=headers)
+        assert r.status_code == code, (body, r.text)
+    assert w.store.head_revision() == head

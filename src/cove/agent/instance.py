@@ -25,6 +25,7 @@ import httpx
 
 from cove import errors
 from cove.agent.network import AddressPool
+from cove.agent.reports import Reporter
 from cove.agent.volumes import Volumes
 from cove.client import AsyncClient
 
@@ -49,6 +50,7 @@ class NodeContext:
     state_dir: Path
     pool: AddressPool
     volumes: Volumes
+    reports: Reporter
     edge: Any = None  # cove.agent.edge.EdgeRunner | None
 
 
@@ -95,7 +97,6 @@ class InstanceWorker:
             # an adopted instance keeps its addresses: report them, don't blank them
             addresses=dict(st.get("addresses") or {}),
         )
-        self._sent: tuple[Any, ...] | None = None
         self.started = adopted
         self.failed_for_good = False
         self.checks: list[CheckState] = []
@@ -142,40 +143,30 @@ class InstanceWorker:
             return "gone"
         return str(self.item["instance"]["spec"].get("desired", "running"))
 
-    async def _send(self, **changes: Any) -> None:
+    def _send(self, **changes: Any) -> None:
+        """Report the instance's status (``ctx.reports`` sends it with the node's others)."""
         for k, v in changes.items():
             setattr(self.report, k, v)
         r = self.report
-        key = (r.state, r.health, r.ready, r.message, r.restart_count, r.last_exit_code)
-        if key == self._sent:
-            return
-        body = {
-            "state": r.state,
-            "health": r.health,
-            "ready": r.ready,
-            "message": r.message[:2000],
-            "restart_count": r.restart_count,
-            "last_exit_code": r.last_exit_code,
-            "last_termination_reason": r.last_termination_reason,
-            "addresses": r.addresses,
-            "driver": self.ctx.driver_name,
-            "accel": getattr(self.ctx.driver, "accel_name", None),
-            "started_at": r.started_at,
-        }
-        try:
-            await self.ctx.client.put(f"/v1/instances/{self.iid}/status", body)
-            self._sent = key
-        except errors.NotFound:
-            pass  # already removed from the API
-        except errors.CoveError as exc:
-            log.warning("%s: status report failed: %s", self.name, exc.detail)
+        self.ctx.reports.status(
+            self.iid,
+            {
+                "state": r.state,
+                "health": r.health,
+                "ready": r.ready,
+                "message": r.message[:2000],
+                "restart_count": r.restart_count,
+                "last_exit_code": r.last_exit_code,
+                "last_termination_reason": r.last_termination_reason,
+                "addresses": r.addresses,
+                "driver": self.ctx.driver_name,
+                "accel": getattr(self.ctx.driver, "accel_name", None),
+                "started_at": r.started_at,
+            },
+        )
 
-    async def _event(self, etype: str, reason: str, message: str) -> None:
-        with contextlib.suppress(errors.CoveError):
-            await self.ctx.client.post(
-                f"/v1/instances/{self.iid}/events",
-                {"type": etype, "reason": reason, "message": message[:4000]},
-            )
+    def _event(self, etype: str, reason: str, message: str) -> None:
+        self.ctx.reports.event(self.iid, etype, reason, message[:4000])
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake up early when the API changes what it wants."""
@@ -192,7 +183,7 @@ class InstanceWorker:
             raise
         except Exception as exc:
             log.exception("%s: worker crashed", self.name)
-            await self._send(state="failed", ready=False, message=f"agent error: {exc}")
+            self._send(state="failed", ready=False, message=f"agent error: {exc}")
         finally:
             if self.shipper is not None:
                 self.shipper.cancel()
@@ -200,7 +191,7 @@ class InstanceWorker:
 
     async def _run(self) -> None:
         if self.ctx.driver is None:
-            await self._send(
+            self._send(
                 state="failed", message="this node has no runtime driver; it can't run instances"
             )
             while self.desired == "running":
@@ -239,9 +230,7 @@ class InstanceWorker:
         ins = self.item["instance"]
         rel, tmpl = self._template()
         try:
-            await self._send(
-                state="preparing", ready=False, message=f"pulling {rel['spec']['image']}"
-            )
+            self._send(state="preparing", ready=False, message=f"pulling {rel['spec']['image']}")
             ref = image_mod.parse_ref(rel["spec"]["image"]).pinned(rel["spec"]["digest"])
             creds_doc = self.item.get("pull_credentials")
             creds = (creds_doc["username"], creds_doc["password"]) if creds_doc else None
@@ -314,18 +303,18 @@ class InstanceWorker:
                     gateway6=self.ctx.pool.gateway6,
                 ),
             )
-            await self._send(state="starting", message="creating the sandbox")
+            self._send(state="starting", message="creating the sandbox")
             await self.ctx.driver.create(spec)
             await self.ctx.driver.start(self.iid)
             await self._until_running()
         except (errors.UserError, errors.NotFound, errors.Unauthenticated, errors.Conflict) as exc:
             self.failed_for_good = True
-            await self._event("Warning", "StartFailed", f"{exc.detail}")
-            await self._send(state="failed", ready=False, message=exc.detail)
+            self._event("Warning", "StartFailed", f"{exc.detail}")
+            self._send(state="failed", ready=False, message=exc.detail)
             return
         except errors.CoveError as exc:
-            await self._event("Warning", "StartRetrying", exc.detail)
-            await self._send(state="backoff", ready=False, message=f"retrying: {exc.detail}")
+            self._event("Warning", "StartRetrying", exc.detail)
+            self._send(state="backoff", ready=False, message=f"retrying: {exc.detail}")
             await self._pause(3.0)
             return
         self.started = True
@@ -333,7 +322,7 @@ class InstanceWorker:
         addresses = {"ipv4": self.ipv4 or "", "ipv6": ipv6.split("/")[0]}
         from cove.model.resource import now_iso
 
-        await self._send(
+        self._send(
             state="running",
             health="unknown",
             message="started",
@@ -342,7 +331,7 @@ class InstanceWorker:
         )
         shown = " ".join(" ".join(argv).split())
         shown = shown if len(shown) <= 100 else shown[:97] + "..."
-        await self._event(
+        self._event(
             "Normal",
             "Started",
             f"{shown} as user {spec.user} on {self.ctx.driver_name} (image ready in {pulled:.2f}s)",
@@ -406,9 +395,9 @@ class InstanceWorker:
             if c.passing != before:
                 what = _describe_check(c.spec)
                 if c.passing:
-                    await self._event("Normal", "Healthy", f"{what} passing")
+                    self._event("Normal", "Healthy", f"{what} passing")
         if not self.checks:
-            await self._send(state="running", health="passing", ready=True, message="running")
+            self._send(state="running", health="passing", ready=True, message="running")
             return
         all_ok = all(c.passing for c in self.checks)
         failing = [c for c in self.checks if c.fail_streak > 0]
@@ -417,7 +406,7 @@ class InstanceWorker:
         if failing:
             # out of rotation at the first failure; restarted at unhealthy_threshold
             msg = f"{_describe_check(failing[0].spec)}: {failing[0].last_error}"
-        await self._send(state="running", health=health, ready=all_ok and not failing, message=msg)
+        self._send(state="running", health=health, ready=all_ok and not failing, message=msg)
 
     async def _check(self, spec: dict[str, Any]) -> tuple[bool, str]:
         if self.simulated:
@@ -452,13 +441,13 @@ class InstanceWorker:
     async def _unhealthy(self, c: CheckState) -> None:
         what = _describe_check(c.spec)
         msg = f"{what} failed {c.fail_streak} times ({c.last_error}); restarting"
-        await self._event("Warning", "Unhealthy", msg)
-        await self._send(state="stopping", health="failing", ready=False, message=msg)
+        self._event("Warning", "Unhealthy", msg)
+        self._send(state="stopping", health="failing", ready=False, message=msg)
         st = await self.ctx.driver.stop(self.iid, timeout=10.0)
         _, tmpl = self._template()
         if (tmpl.get("restart") or {}).get("policy", "always") == "never":
             self.failed_for_good = True
-            await self._send(
+            self._send(
                 state="failed",
                 ready=False,
                 last_exit_code=st.exit_code,
@@ -471,19 +460,19 @@ class InstanceWorker:
     async def _exited(self, st: Any) -> None:
         code, reason = st.exit_code, st.reason or "exited"
         if reason == "oom":
-            await self._event("Warning", "OOMKilled", f"out of memory (exit code {code})")
+            self._event("Warning", "OOMKilled", f"out of memory (exit code {code})")
         elif reason in ("crashed", "hung"):
             what = "Crashed" if reason == "crashed" else "Hung"
-            await self._event("Warning", what, st.message or reason)
+            self._event("Warning", what, st.message or reason)
         else:
             etype = "Normal" if code == 0 else "Warning"
-            await self._event(etype, "Exited", f"exited with code {code} ({reason})")
+            self._event(etype, "Exited", f"exited with code {code} ({reason})")
         _, tmpl = self._template()
         policy = (tmpl.get("restart") or {}).get("policy", "always")
         again = policy == "always" or (policy == "on-failure" and (code != 0 or reason != "exited"))
         if not again:
             state = "stopped" if code == 0 else "failed"
-            await self._send(
+            self._send(
                 state=state,
                 health="unknown",
                 ready=False,
@@ -504,7 +493,7 @@ class InstanceWorker:
         cap = _seconds(restart.get("max_backoff", "60s"))
         delay = min(cap, base * (2**self.quick_failures))
         self.quick_failures += 1
-        await self._send(
+        self._send(
             state="backoff",
             health="unknown",
             ready=False,
@@ -512,7 +501,7 @@ class InstanceWorker:
             last_termination_reason=reason,
             message=f"{message}; restarting in {delay:g}s",
         )
-        await self._event("Warning", "BackOff", f"{message}; restarting in {delay:g}s")
+        self._event("Warning", "BackOff", f"{message}; restarting in {delay:g}s")
         await self._pause(delay)
         if self.desired != "running":
             return
@@ -523,8 +512,8 @@ class InstanceWorker:
         self.report.restart_count += 1
         from cove.model.resource import now_iso
 
-        await self._send(state="running", message="restarted", started_at=now_iso())
-        await self._event("Normal", "Restarted", f"restart #{self.report.restart_count}")
+        self._send(state="running", message="restarted", started_at=now_iso())
+        self._event("Normal", "Restarted", f"restart #{self.report.restart_count}")
         self._start_shipper()
 
     # -- stop ------------------------------------------------------------------------------------
@@ -536,13 +525,13 @@ class InstanceWorker:
         except errors.CoveError:
             st = None
         if st is not None and st.state == "running":
-            await self._send(state="stopping", ready=False, message="stopping")
+            self._send(state="stopping", ready=False, message="stopping")
             if self.ctx.edge is not None:
                 t0 = time.monotonic()
                 was_open, drained = await self.ctx.edge.drain(self.iid)
                 if was_open:
                     took = time.monotonic() - t0
-                    await self._event(
+                    self._event(
                         "Normal" if drained else "Warning",
                         "Drained" if drained else "DrainTimeout",
                         f"{was_open} open connection(s) through the edge "
@@ -554,10 +543,8 @@ class InstanceWorker:
                         + "; stopping",
                     )
             st = await driver.stop(self.iid, timeout=10.0)
-            await self._event(
-                "Normal", "Stopped", f"stopped (exit code {st.exit_code}, {st.reason})"
-            )
-            await self._send(
+            self._event("Normal", "Stopped", f"stopped (exit code {st.exit_code}, {st.reason})")
+            self._send(
                 state="stopped",
                 last_exit_code=st.exit_code,
                 last_termination_reason=st.reason,
@@ -569,7 +556,7 @@ class InstanceWorker:
         with contextlib.suppress(errors.CoveError):
             await driver.destroy(self.iid)
         self.ctx.pool.release(self.iid)
-        await self._send(state="destroyed", ready=False, message="destroyed")
+        self._send(state="destroyed", ready=False, message="destroyed")
 
     # -- logs ------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from cove.agent import execs
 from cove.agent.edge import EdgeRunner
 from cove.agent.instance import InstanceWorker, NodeContext
 from cove.agent.network import AddressPool
+from cove.agent.reports import Reporter
 from cove.agent.volumes import Volumes
 from cove.client import AsyncClient
 from cove.client.http import unless_reconnected
@@ -298,6 +299,7 @@ class Agent:
             state_dir=self.state_dir,
             pool=AddressPool(self.state_dir / "net", self.bridge, self.pool4, self.pool6),
             volumes=Volumes(self.state_dir / "volumes"),
+            reports=Reporter(client, node_id),
             edge=EdgeRunner(client, node_id),
         )
         try:
@@ -307,6 +309,7 @@ class Agent:
                     tg.create_task(execs.channel(client.urls, token, node_id, driver))
                 tg.create_task(self._assignments(ctx, adopted, tg))
                 tg.create_task(ctx.edge.run())
+                tg.create_task(ctx.reports.run())
                 await self.stopping.wait()
                 raise _Stop
         except* _Stop:
@@ -314,6 +317,8 @@ class Agent:
         finally:
             for w in self.workers.values():
                 w.cancel()
+            with contextlib.suppress(errors.CoveError, TimeoutError):  # the last reports
+                await asyncio.wait_for(ctx.reports.send(), 5.0)
             await client.aclose()
             log.info("agent stopped (instances keep running under their supervisors)")
 

@@ -114,6 +114,18 @@ class EventBody(_Body):
     message: str = Field(default="", max_length=4000)
 
 
+class NodeEventBody(EventBody):
+    instance: str = Field(min_length=1, max_length=64)
+
+
+InstanceId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NodeReportsBody(_Body):
+    statuses: dict[InstanceId, InstanceStatusBody] = Field(default_factory=dict, max_length=500)
+    events: list[NodeEventBody] = Field(default_factory=list, max_length=500)
+
+
 class LogLineBody(_Body):
     seq: int = Field(ge=0)
     ts: str = Field(max_length=40)
@@ -700,34 +712,83 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     # what the others bring, in one transaction.
     reports = CapacityLimiter(16)
 
+    def apply_status(tx: Tx, ins: dict[str, Any], body: InstanceStatusBody) -> int:
+        """Write what the node reports of *ins* (read for update); the new revision."""
+        st = dict(ins["status"])
+        st.update({k: v for k, v in body.model_dump().items() if k not in ("ready", "message")})
+        st["node"] = ins["spec"].get("node")
+        st["reported_at"] = now_iso()
+        st.pop("unreachable_since", None)  # its node reports again
+        ready = body.ready and body.state == "running"
+        set_condition(
+            st,
+            "Ready",
+            "true" if ready else "false",
+            "HealthChecksPassing" if ready else _reason(body.state, body.health),
+            body.message,
+        )
+        if body.state == "failed":
+            set_condition(st, "Failed", "true", "InstanceFailed", body.message)
+        st["observed_generation"] = ins["metadata"]["generation"]
+        return int(tx.update(ins["id"], status=st)["metadata"]["revision"])
+
     @app.put("/v1/instances/{ins_id}/status", tags=["nodes"], summary="Report instance status")
     async def report_status(ins_id: str, body: InstanceStatusBody, who: Who) -> dict[str, Any]:
         def write(tx: Tx) -> dict[str, Any]:
             ins = tx.get(ins_id, for_update=True)
             if ins is None:
                 raise errors.NotFound(f"no instance {ins_id}")
-            st = dict(ins["status"])
-            st.update({k: v for k, v in body.model_dump().items() if k not in ("ready", "message")})
-            st["node"] = ins["spec"].get("node")
-            st["reported_at"] = now_iso()
-            st.pop("unreachable_since", None)  # its node reports again
-            ready = body.ready and body.state == "running"
-            set_condition(
-                st,
-                "Ready",
-                "true" if ready else "false",
-                "HealthChecksPassing" if ready else _reason(body.state, body.health),
-                body.message,
-            )
-            if body.state == "failed":
-                set_condition(st, "Failed", "true", "InstanceFailed", body.message)
-            st["observed_generation"] = ins["metadata"]["generation"]
-            new = tx.update(ins_id, status=st)
-            return {"instance": ins_id, "revision": new["metadata"]["revision"]}
+            return {"instance": ins_id, "revision": apply_status(tx, ins, body)}
 
         def run() -> dict[str, Any]:
             own_instance(who, ins_id)
             out: dict[str, Any] = store.write_combined(write)  # with other reports: one commit
+            return out
+
+        return await to_thread.run_sync(run, limiter=reports)
+
+    @app.put("/v1/nodes/{node_id}/reports", tags=["nodes"], summary="Report this node's instances")
+    async def node_reports(node_id: str, body: NodeReportsBody, who: Who) -> dict[str, Any]:
+        """Statuses (each an instance's whole report, as ``PUT /v1/instances/{id}/status``)
+        and events of the node's instances, written in one transaction: what the agent sends
+        for the whole node every 0.1 s. Instances that are not (or no longer) on this node
+        are listed in ``missing``; nothing is written for them."""
+        who.require_node(node_id)
+
+        def write(tx: Tx) -> dict[str, Any]:
+            mine: dict[str, dict[str, Any] | None] = {}
+
+            def of_node(iid: str, for_update: bool) -> dict[str, Any] | None:
+                if iid not in mine:
+                    ins = tx.get(iid, for_update=for_update)
+                    if ins is not None and (
+                        ins["kind"] != "instance" or ins["spec"].get("node") != node_id
+                    ):
+                        ins = None
+                    mine[iid] = ins
+                return mine[iid]
+
+            revision = 0
+            for iid, st in sorted(body.statuses.items()):
+                ins = of_node(iid, True)
+                if ins is not None:
+                    revision = apply_status(tx, ins, st)
+            events = 0
+            for ev in body.events:
+                ins = of_node(ev.instance, False)
+                if ins is not None:
+                    tx.event(ins, ev.type, ev.reason, ev.message)
+                    events += 1
+            missing = sorted(i for i, ins in mine.items() if ins is None)
+            return {
+                "statuses": len(body.statuses) - len(set(missing) & set(body.statuses)),
+                "events": events,
+                "missing": missing,
+                "revision": revision or None,
+            }
+
+        def run() -> dict[str, Any]:
+            out: dict[str, Any] = store.write_combined(write)  # with other nodes': one commit
             return out
 
         return await to_thread.run_sync(run, limiter=reports)
