@@ -121,6 +121,13 @@ class SimNode:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wanted: dict[str, str] = {}
         self.reports: Any = None
+        self.changed: dict[str, asyncio.Event] = {}
+
+    def want(self, iid: str, desired: str) -> None:
+        if self.wanted.get(iid) != desired:
+            self.wanted[iid] = desired
+            if iid in self.changed:
+                self.changed[iid].set()
 
     async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         from cove import errors
@@ -201,12 +208,12 @@ class SimNode:
                 ins = item["instance"]
                 iid = ins["id"]
                 seen.add(iid)
-                self.wanted[iid] = str(ins["spec"].get("desired", "running"))
+                self.want(iid, str(ins["spec"].get("desired", "running")))
                 if iid not in self.tasks:
                     self.tasks[iid] = asyncio.ensure_future(self.instance(iid, ins))
             for iid in list(self.tasks):
                 if iid not in seen:
-                    self.wanted[iid] = "gone"
+                    self.want(iid, "gone")
 
     def status(self, iid: str, **body: Any) -> None:
         doc = {
@@ -255,14 +262,17 @@ class SimNode:
                 started_at=started,
             )
             self.stats.started += 1
-            while self.wanted.get(iid) == "running":
-                await asyncio.sleep(1.0)
+            while self.wanted.get(iid) == "running":  # woken when that changes (as the agent)
+                changed = self.changed.setdefault(iid, asyncio.Event())
+                await changed.wait()
+                changed.clear()
             self.status(iid, state="stopping", message="stopping")
             self.status(iid, state="stopped", last_exit_code=0, message="stopped")
             self.status(iid, state="destroyed", message="destroyed")
             self.stats.stopped += 1
         finally:
             self.tasks.pop(iid, None)
+            self.changed.pop(iid, None)
 
 
 async def _run_agents(

@@ -386,9 +386,7 @@ def _builders(method: str, path: str, b_org: str) -> list[tuple[str, Builder]]:
                 f"/v1/nodes/{s.id('project')}/reports",
                 body={
                     "statuses": {s.id("instance"): {"state": "running"}},
-                    "events": [
-                        {"instance": s.id("instance"), "type": "Normal", "reason": "X"}
-                    ],
+                    "events": [{"instance": s.id("instance"), "type": "Normal", "reason": "X"}],
                 },
             )
 

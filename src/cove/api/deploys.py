@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import cove.control.endpoints as endpoints
 from cove import errors
 from cove.api import auth, service
+from cove.api.batch import WriteBatcher
 from cove.api.views import NodeView
 from cove.model.resource import now_iso, set_condition
 from cove.model.specs import NAME_RE, EndpointSpec
@@ -705,12 +706,19 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
         return await run_in_threadpool(run)
 
-    # What agents report about their instances (status, events, logs) runs on threads of
-    # its own: 500 agents starting 10,000 instances otherwise take every thread of the
-    # API's shared pool, and a user's request waits for a thread behind them. Status
-    # reports and events are written together (Store.write_combined): one thread writes
-    # what the others bring, in one transaction.
+    # What agents report about their instances: status and events are parked and written
+    # together, many requests in one transaction, by one thread (api.batch); logs and
+    # secrets run on threads of their own. 500 agents starting 10,000 instances otherwise
+    # take every thread of the API's shared pool, and a user's request waits behind them.
     reports = CapacityLimiter(16)
+    batcher = WriteBatcher(store)
+
+    def node_instance(tx: Tx, node_id: str, iid: str, *, lock: bool) -> dict[str, Any] | None:
+        """Instance *iid* if it is on node *node_id*, read in the write transaction."""
+        ins = tx.get(iid, for_update=lock)
+        if ins is None or ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
+            return None
+        return ins
 
     def apply_status(tx: Tx, ins: dict[str, Any], body: InstanceStatusBody) -> int:
         """Write what the node reports of *ins* (read for update); the new revision."""
@@ -734,18 +742,15 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
     @app.put("/v1/instances/{ins_id}/status", tags=["nodes"], summary="Report instance status")
     async def report_status(ins_id: str, body: InstanceStatusBody, who: Who) -> dict[str, Any]:
+        node_id = who.require_node()
+
         def write(tx: Tx) -> dict[str, Any]:
-            ins = tx.get(ins_id, for_update=True)
+            ins = node_instance(tx, node_id, ins_id, lock=True)
             if ins is None:
-                raise errors.NotFound(f"no instance {ins_id}")
+                raise errors.NotFound(f"no instance {ins_id} on this node")
             return {"instance": ins_id, "revision": apply_status(tx, ins, body)}
 
-        def run() -> dict[str, Any]:
-            own_instance(who, ins_id)
-            out: dict[str, Any] = store.write_combined(write)  # with other reports: one commit
-            return out
-
-        return await to_thread.run_sync(run, limiter=reports)
+        return await batcher.write(write)
 
     @app.put("/v1/nodes/{node_id}/reports", tags=["nodes"], summary="Report this node's instances")
     async def node_reports(node_id: str, body: NodeReportsBody, who: Who) -> dict[str, Any]:
@@ -757,25 +762,16 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
         def write(tx: Tx) -> dict[str, Any]:
             mine: dict[str, dict[str, Any] | None] = {}
-
-            def of_node(iid: str, for_update: bool) -> dict[str, Any] | None:
-                if iid not in mine:
-                    ins = tx.get(iid, for_update=for_update)
-                    if ins is not None and (
-                        ins["kind"] != "instance" or ins["spec"].get("node") != node_id
-                    ):
-                        ins = None
-                    mine[iid] = ins
-                return mine[iid]
-
             revision = 0
             for iid, st in sorted(body.statuses.items()):
-                ins = of_node(iid, True)
+                mine[iid] = ins = node_instance(tx, node_id, iid, lock=True)
                 if ins is not None:
                     revision = apply_status(tx, ins, st)
             events = 0
             for ev in body.events:
-                ins = of_node(ev.instance, False)
+                if ev.instance not in mine:
+                    mine[ev.instance] = node_instance(tx, node_id, ev.instance, lock=False)
+                ins = mine[ev.instance]
                 if ins is not None:
                     tx.event(ins, ev.type, ev.reason, ev.message)
                     events += 1
@@ -787,22 +783,19 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
                 "revision": revision or None,
             }
 
-        def run() -> dict[str, Any]:
-            out: dict[str, Any] = store.write_combined(write)  # with other nodes': one commit
-            return out
-
-        return await to_thread.run_sync(run, limiter=reports)
+        return await batcher.write(write)
 
     @app.post("/v1/instances/{ins_id}/events", tags=["nodes"], summary="Record an instance event")
     async def instance_event(ins_id: str, body: EventBody, who: Who) -> dict[str, Any]:
-        def run() -> dict[str, Any]:
-            ins = own_instance(who, ins_id)
-            ev: dict[str, Any] = store.write_combined(
-                lambda tx: tx.event(ins, body.type, body.reason, body.message)
-            )
-            return ev
+        node_id = who.require_node()
 
-        return await to_thread.run_sync(run, limiter=reports)
+        def write(tx: Tx) -> dict[str, Any]:
+            ins = node_instance(tx, node_id, ins_id, lock=False)
+            if ins is None:
+                raise errors.NotFound(f"no instance {ins_id} on this node")
+            return tx.event(ins, body.type, body.reason, body.message)
+
+        return await batcher.write(write)
 
     @app.post("/v1/instances/{ins_id}/logs", tags=["nodes"], summary="Ship log lines")
     async def ship_logs(ins_id: str, body: LogBatch, who: Who) -> dict[str, Any]:

@@ -18,10 +18,10 @@ import copy
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -34,6 +34,7 @@ from cove.model import kinds as kinds_mod
 from cove.model.resource import now_iso
 from cove.store import meter
 from cove.store import schema as t
+from cove.store.locks import FairRLock
 
 log = logging.getLogger("cove.store")
 NOTIFY_CHANNEL = "cove_revision"
@@ -50,6 +51,36 @@ _ANCESTOR_COLS = {
     "app": "app_id",
     "environment": "env_id",
 }
+
+# The write path's statements, built once: a statement built per call costs more Python
+# than SQLite spends running it (coercing every clause, then working out its cache key
+# again), and 10,000 instances starting are some 50 of them each. Parameters are bound at
+# execution; an UPDATE without .values() sets the columns its parameters name.
+_R = t.resources.c
+_NEXT_REVISION = (
+    sa.update(t.revision_counter)
+    .where(t.revision_counter.c.id == 1)
+    .values(value=t.revision_counter.c.value + 1)
+    .returning(t.revision_counter.c.value)
+)
+_BY_ID = sa.select(t.resources).where(_R.id == sa.bindparam("b_id"))
+_BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
+_BY_NAME = sa.select(t.resources).where(
+    _R.kind == sa.bindparam("b_kind"),
+    _R.parent_key == sa.bindparam("b_parent"),
+    _R.name == sa.bindparam("b_name"),
+)
+_ANCESTRY = sa.select(*(_R[c] for c in _ANCESTOR_COLS.values())).where(
+    _R.id == sa.bindparam("b_id")
+)
+_INSERT_RESOURCE = sa.insert(t.resources)
+_UPDATE_RESOURCE = sa.update(t.resources).where(
+    _R.id == sa.bindparam("b_id"), _R.revision == sa.bindparam("b_revision")
+)
+_E = t.events.c
+_EVENT_BY_KEY = sa.select(t.events).where(_E.dedup_key == sa.bindparam("b_key"))
+_INSERT_EVENT = sa.insert(t.events)
+_UPDATE_EVENT = sa.update(t.events).where(_E.id == sa.bindparam("b_id"))
 
 
 def resource_from_row(row: RowMapping) -> dict[str, Any]:
@@ -116,7 +147,7 @@ def _overlay_heartbeats(conn: Connection, items: list[dict[str, Any]]) -> None:
             n["status"].setdefault("last_heartbeat", None)
 
 
-def event_from_row(row: RowMapping) -> dict[str, Any]:
+def event_from_row(row: RowMapping | Mapping[str, Any]) -> dict[str, Any]:
     return {
         "kind": "event",
         "id": row["id"],
@@ -137,9 +168,6 @@ def event_from_row(row: RowMapping) -> dict[str, Any]:
             "deleting": False,
         },
     }
-
-
-T = TypeVar("T")
 
 
 class Scope:
@@ -177,43 +205,24 @@ class Tx:
         self.last_revision = 0
 
     def next_revision(self) -> int:
-        value = self.conn.execute(
-            sa.update(t.revision_counter)
-            .where(t.revision_counter.c.id == 1)
-            .values(value=t.revision_counter.c.value + 1)
-            .returning(t.revision_counter.c.value)
-        ).scalar_one()
+        value = self.conn.execute(_NEXT_REVISION).scalar_one()
         self.last_revision = int(value)
         return self.last_revision
 
     # -- resources -------------------------------------------------------------------------
 
     def get(self, rid: str, *, for_update: bool = False) -> dict[str, Any] | None:
-        q = sa.select(t.resources).where(t.resources.c.id == rid)
-        if for_update and self.conn.dialect.name == "postgresql":
-            q = q.with_for_update()
-        row = self.conn.execute(q).mappings().first()
+        locking = for_update and self.conn.dialect.name == "postgresql"
+        q = _BY_ID_FOR_UPDATE if locking else _BY_ID
+        row = self.conn.execute(q, {"b_id": rid}).mappings().first()
         return resource_from_row(row) if row else None
 
     def row(self, rid: str) -> RowMapping | None:
-        return (
-            self.conn.execute(sa.select(t.resources).where(t.resources.c.id == rid))
-            .mappings()
-            .first()
-        )
+        return self.conn.execute(_BY_ID, {"b_id": rid}).mappings().first()
 
     def find(self, kind: str, parent_id: str | None, name: str) -> dict[str, Any] | None:
-        row = (
-            self.conn.execute(
-                sa.select(t.resources).where(
-                    t.resources.c.kind == kind,
-                    t.resources.c.parent_key == (parent_id or ""),
-                    t.resources.c.name == name,
-                )
-            )
-            .mappings()
-            .first()
-        )
+        params = {"b_kind": kind, "b_parent": parent_id or "", "b_name": name}
+        row = self.conn.execute(_BY_NAME, params).mappings().first()
         return resource_from_row(row) if row else None
 
     def create(
@@ -270,7 +279,7 @@ class Tx:
             "deleting": False,
         }
         try:
-            self.conn.execute(sa.insert(t.resources).values(**values))
+            self.conn.execute(_INSERT_RESOURCE, values)
         except IntegrityError as exc:
             raise errors.Conflict(
                 f"a {k.title} named {name!r} already exists", code="already_exists"
@@ -324,11 +333,8 @@ class Tx:
         rev = self.next_revision()
         values["revision"] = rev
         values["updated_at"] = now_iso()
-        res = self.conn.execute(
-            sa.update(t.resources)
-            .where(t.resources.c.id == rid, t.resources.c.revision == cur["metadata"]["revision"])
-            .values(**values)
-        )
+        values["b_id"], values["b_revision"] = rid, cur["metadata"]["revision"]
+        res = self.conn.execute(_UPDATE_RESOURCE, values)
         if res.rowcount != 1:  # pragma: no cover - excluded by the revision lock
             raise errors.Conflict(f"{rid} changed concurrently", code="stale_revision")
         out = self.get(rid)
@@ -359,68 +365,47 @@ class Tx:
     def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> dict[str, Any]:
         """Record an event about *obj*. Repeats (same object, type, reason and message)
         are folded into one row: count goes up, last_seen moves, revision moves."""
-        row = self.row(obj["id"])
+        row = self.conn.execute(_ANCESTRY, {"b_id": obj["id"]}).mappings().first()
         anc = {c: (row[c] if row else None) for c in _ANCESTOR_COLS.values()}
         key = hashlib.sha256("\x00".join((obj["id"], etype, reason, message)).encode()).hexdigest()
         rev = self.next_revision()
         now = now_iso()
-        existing = (
-            self.conn.execute(sa.select(t.events).where(t.events.c.dedup_key == key))
-            .mappings()
-            .first()
-        )
+        existing = self.conn.execute(_EVENT_BY_KEY, {"b_key": key}).mappings().first()
         if existing:
+            values = dict(existing, count=existing["count"] + 1, last_seen=now, revision=rev)
             self.conn.execute(
-                sa.update(t.events)
-                .where(t.events.c.id == existing["id"])
-                .values(count=existing["count"] + 1, last_seen=now, revision=rev)
+                _UPDATE_EVENT,
+                {
+                    "b_id": existing["id"],
+                    "count": values["count"],
+                    "last_seen": now,
+                    "revision": rev,
+                },
             )
-            eid = existing["id"]
         else:
-            eid = new_id("evt")
-            self.conn.execute(
-                sa.insert(t.events).values(
-                    id=eid,
-                    dedup_key=key,
-                    object_kind=obj["kind"],
-                    object_id=obj["id"],
-                    object_name=obj["name"],
-                    **anc,
-                    type=etype,
-                    reason=reason,
-                    message=message[:4000],
-                    count=1,
-                    first_seen=now,
-                    last_seen=now,
-                    revision=rev,
-                )
-            )
-        out = self.conn.execute(sa.select(t.events).where(t.events.c.id == eid)).mappings().one()
-        return event_from_row(out)
+            values = {
+                "id": new_id("evt"),
+                "dedup_key": key,
+                "object_kind": obj["kind"],
+                "object_id": obj["id"],
+                "object_name": obj["name"],
+                **anc,
+                "type": etype,
+                "reason": reason,
+                "message": message[:4000],
+                "count": 1,
+                "first_seen": now,
+                "last_seen": now,
+                "revision": rev,
+            }
+            self.conn.execute(_INSERT_EVENT, values)
+        return event_from_row(values)  # what was written
 
     # -- settings ----------------------------------------------------------------------------
 
     def set_setting(self, key: str, value: str) -> None:
         self.conn.execute(sa.delete(t.cluster_settings).where(t.cluster_settings.c.key == key))
         self.conn.execute(sa.insert(t.cluster_settings).values(key=key, value=value))
-
-
-class _Combined:
-    """One caller's function waiting for ``Store.write_combined``."""
-
-    def __init__(self, fn: Callable[[Tx], Any]) -> None:
-        self.fn = fn
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.lead = False  # set when this caller is to write the next batch itself
-        self.done = threading.Event()
-
-
-class _Combining:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pending: list[_Combined] = []
-        self.writing = False
 
 
 class _PendingBeats:
@@ -439,12 +424,11 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.dialect = sa.engine.make_url(url).get_backend_name()
-        self._write_lock = threading.RLock()
+        self._write_lock = FairRLock()  # handed over in turn: see store.locks
         self._listeners: list[Callable[[int], None]] = []
         # (setting, value) every write of this view checks first (see fenced)
         self._fence: tuple[str, str] | None = None
         self._beats = _PendingBeats()  # shared with the views (see fenced)
-        self._combining = _Combining()
         self.engine: Engine = self._make_engine(url)
 
     # -- setup -----------------------------------------------------------------------------
@@ -639,61 +623,25 @@ class Store:
             for fn in self._listeners:
                 fn(tx.last_revision)
 
-    def write_combined(self, fn: Callable[[Tx], T], *, batch: int = 200) -> T:
-        """``fn(tx)`` in a write transaction shared with the functions other threads submit
-        meanwhile (group commit): the caller that finds no batch being written writes every
-        one pending (up to *batch*) in one transaction, each in a savepoint of its own (one
-        that raises fails alone and leaves nothing), then hands the next batch, if any, to
-        the first caller in it. The others wait for their result without queueing for the
-        write lock, so 500 agents' status reports cost one turn of it per batch, and the
-        controllers queue behind one writer, not sixteen. For short writes of independent
-        rows (what an agent reports about its own instances); never from inside a write
-        transaction (the writer of the batch would wait for the caller's lock)."""
-        me = _Combined(fn)
-        c = self._combining
-        with c.lock:
-            c.pending.append(me)
-            me.lead = not c.writing
-            c.writing = True
-        if not me.lead:
-            me.done.wait()  # written with a batch, or handed the next batch to write
-            if not me.lead:
-                if me.error is not None:
-                    raise me.error
-                return me.result  # type: ignore[no-any-return]
-        with c.lock:
-            todo, c.pending = c.pending[:batch], c.pending[batch:]
-        try:
-            self._write_batch(todo)
-        finally:
-            with c.lock:
-                if c.pending:
-                    c.pending[0].lead = True
-                    c.pending[0].done.set()
-                else:
-                    c.writing = False
-            for other in todo:
-                if other is not me:
-                    other.done.set()
-        if me.error is not None:
-            raise me.error
-        return me.result  # type: ignore[no-any-return]
-
-    def _write_batch(self, todo: builtins.list[_Combined]) -> None:
+    def write_each(
+        self, fns: builtins.list[Callable[[Tx], Any]]
+    ) -> builtins.list[tuple[Any, Exception | None]]:
+        """Each of *fns* in one write transaction (group commit: ``api.batch`` writes what
+        many agents report this way), each in a savepoint of its own, so one that raises
+        fails alone and leaves nothing: (result, error) for each, in order. When the
+        transaction itself fails, every one fails with it."""
+        out: builtins.list[tuple[Any, Exception | None]] = []
         try:
             with self.write() as tx:
-                for item in todo:
+                for fn in fns:
                     try:
                         with tx.conn.begin_nested():
-                            item.result = item.fn(tx)
+                            out.append((fn(tx), None))
                     except Exception as exc:
-                        item.error = exc
-        except BaseException as exc:  # the transaction itself failed: every write with it
-            for item in todo:
-                if item.error is None:
-                    item.error = exc
-            if not isinstance(exc, Exception):
-                raise
+                        out.append((None, exc))
+        except Exception as exc:
+            return [(None, exc) for _ in fns]
+        return out
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -96,18 +96,19 @@ def open_span(
     if _open(tx.conn, subject_id) is not None:
         return
     tx.conn.execute(
-        sa.insert(t.meter_intervals).values(
-            meter=meter,
-            subject_id=subject_id,
-            subject_name=subject_name[:80],
+        _INSERT_SPAN,
+        {
+            "meter": meter,
+            "subject_id": subject_id,
+            "subject_name": subject_name[:80],
             **{c: ancestry.get(c) for c in ANCESTRY},
-            size=size,
-            quantity=quantity,
-            memory_mb=memory_mb,
-            started_ms=now_ms() if at is None else at,
-            ended_ms=None,
-            open=1,
-        )
+            "size": size,
+            "quantity": quantity,
+            "memory_mb": memory_mb,
+            "started_ms": now_ms() if at is None else at,
+            "ended_ms": None,
+            "open": 1,
+        },
     )
 
 
@@ -117,19 +118,20 @@ def close_span(tx: Tx, subject_id: str, *, at: int | None = None) -> None:
         return
     end = now_ms() if at is None else at
     end = max(int(row.started_ms), end)  # a span never ends before it began
-    tx.conn.execute(
-        sa.update(t.meter_intervals)
-        .where(t.meter_intervals.c.id == row.id)
-        .values(ended_ms=end, open=None)
-    )
+    tx.conn.execute(_CLOSE_SPAN, {"b_id": row.id, "ended_ms": end, "open": None})
+
+
+_M = t.meter_intervals.c
+# built once: see the write path's statements in store.db
+_OPEN = sa.select(_M.id, _M.started_ms).where(
+    _M.subject_id == sa.bindparam("b_subject"), _M.open == 1
+)
+_INSERT_SPAN = sa.insert(t.meter_intervals)
+_CLOSE_SPAN = sa.update(t.meter_intervals).where(_M.id == sa.bindparam("b_id"))
 
 
 def _open(conn: Connection, subject_id: str) -> Any:
-    return conn.execute(
-        sa.select(t.meter_intervals.c.id, t.meter_intervals.c.started_ms).where(
-            t.meter_intervals.c.subject_id == subject_id, t.meter_intervals.c.open == 1
-        )
-    ).first()
+    return conn.execute(_OPEN, {"b_subject": subject_id}).first()
 
 
 def observe(tx: Tx, before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
