@@ -6,6 +6,7 @@ the node's status, and a deleted node leaves no heartbeat behind."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -273,3 +274,32 @@ def test_a_heartbeat_waiting_for_the_write_lock_already_counts(cluster: Cluster)
 def later(seconds: float) -> str:
     at = datetime.now(UTC) + timedelta(seconds=seconds)
     return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_a_node_token_is_refused_at_once_after_a_rejoin_and_soon_after_any_revocation(
+    cluster: Cluster,
+) -> None:
+    """Node tokens found valid are remembered for a few seconds (``auth.NodeTokens``): a
+    rejoin through this server forgets the old one at once; one revoked behind this
+    server's back (another replica) stops working within the cache's few seconds."""
+    c = cluster
+    node_id = c.join("n1")
+    _, old = c.nodes["n1"]
+    c.beat("n1")  # the token is now remembered
+    c.join("n1")  # a rejoin revokes it
+    problem(c.api.post(f"/v1/nodes/{node_id}/heartbeat", json={}, headers=old), 401)
+    c.beat("n1")  # the new one works
+    # revoked in the database directly, as another replica's rejoin would
+    import sqlalchemy as sa
+
+    from cove.store import schema as t
+
+    _, new = c.nodes["n1"]
+    with c.store.write() as tx:
+        tx.conn.execute(
+            sa.update(t.tokens).where(t.tokens.c.node_id == node_id).values(revoked_at="x")
+        )
+    deadline = time.monotonic() + 10
+    while c.api.post(f"/v1/nodes/{node_id}/heartbeat", json={}, headers=new).status_code != 401:
+        assert time.monotonic() < deadline, "a revoked node token kept working"
+        time.sleep(0.2)

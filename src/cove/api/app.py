@@ -319,11 +319,12 @@ class Api:
         self.notifier = notifier
         self.pools = pools
         self.prices = PriceList()  # the price list in force (server config)
+        self.node_tokens = auth.NodeTokens()  # node tokens checked in the last seconds
 
     # -- principal -------------------------------------------------------------------------
 
     def principal(self, authorization: str | None) -> auth.Principal:
-        return auth.authenticate(self.store, authorization)
+        return auth.authenticate(self.store, authorization, self.node_tokens)
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -823,6 +824,7 @@ def create_app(
                     )
                 auth.revoke_node_tokens(tx, node["id"])  # a rejoin replaces the old credentials
                 token, _ = auth.issue_token(tx, "node", name=body.name, node_id=node["id"])
+            api.node_tokens.forget(node["id"])
             return {"node": node, "token": token, "network": status["network"]}
 
         return await run_in_threadpool(run)

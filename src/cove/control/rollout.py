@@ -375,7 +375,7 @@ class Scheduler:
                     tx.event(ins, "Warning", "FailedScheduling", msg)
                 return 5.0
             volumes.append(vol)
-        refusal = quotas.placement_refusal(tx, ins)
+        refusal = quotas.placement_refusal(tx, ins, view.within_quota)
         if refusal is not None:
             st0 = dict(ins["status"])
             if set_condition(st0, "Scheduled", "false", "QuotaExceeded", refusal):
@@ -517,6 +517,7 @@ class _ClusterView:
             str(n): (int(m), int(cpu)) for n, m, cpu in tx.conn.execute(q)
         }
         self._same: dict[str, dict[str, int]] = {}
+        self.within_quota: set[str] = set()  # projects found within quota (placement_refusal)
         self._fit: dict[tuple[str, str | None], tuple[int, int] | None] = {}
 
     def fit(self, n: dict[str, Any], region: str | None) -> tuple[int, int] | None:

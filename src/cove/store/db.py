@@ -63,6 +63,7 @@ _NEXT_REVISION = (
     .values(value=t.revision_counter.c.value + 1)
     .returning(t.revision_counter.c.value)
 )
+_HEAD_REVISION = sa.select(t.revision_counter.c.value).where(t.revision_counter.c.id == 1)
 _BY_ID = sa.select(t.resources).where(_R.id == sa.bindparam("b_id"))
 _BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
 _BY_NAME = sa.select(t.resources).where(
@@ -679,20 +680,12 @@ class Store:
 
     def head_revision(self) -> int:
         with self.read() as conn:
-            return int(
-                conn.execute(
-                    sa.select(t.revision_counter.c.value).where(t.revision_counter.c.id == 1)
-                ).scalar_one()
-            )
+            return int(conn.execute(_HEAD_REVISION).scalar_one())
 
     def get(self, rid: str, scope: Scope | None = None) -> dict[str, Any]:
         """One resource, as the API shows it (a node with its last heartbeat)."""
         with self.read() as conn:
-            row = (
-                conn.execute(sa.select(t.resources).where(t.resources.c.id == rid))
-                .mappings()
-                .first()
-            )
+            row = conn.execute(_BY_ID, {"b_id": rid}).mappings().first()
             if row is None or (scope is not None and not scope.allows(row["org_id"])):
                 raise errors.NotFound(f"no resource {rid}", hint="check the ID with a list command")
             out = resource_from_row(row)
@@ -701,25 +694,12 @@ class Store:
 
     def get_row(self, rid: str) -> RowMapping | None:
         with self.read() as conn:
-            return (
-                conn.execute(sa.select(t.resources).where(t.resources.c.id == rid))
-                .mappings()
-                .first()
-            )
+            return conn.execute(_BY_ID, {"b_id": rid}).mappings().first()
 
     def find(self, kind: str, parent_id: str | None, name: str) -> dict[str, Any] | None:
         with self.read() as conn:
-            row = (
-                conn.execute(
-                    sa.select(t.resources).where(
-                        t.resources.c.kind == kind,
-                        t.resources.c.parent_key == (parent_id or ""),
-                        t.resources.c.name == name,
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            params = {"b_kind": kind, "b_parent": parent_id or "", "b_name": name}
+            row = conn.execute(_BY_NAME, params).mappings().first()
             if row is None:
                 return None
             out = resource_from_row(row)

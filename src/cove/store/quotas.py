@@ -154,10 +154,14 @@ def exceeded(
     )
 
 
-def placement_refusal(tx: Tx, ins: dict[str, Any]) -> str | None:
-    """Why the scheduler must not place *ins* under its project's quota, or None."""
+def placement_refusal(tx: Tx, ins: dict[str, Any], within: set[str] | None = None) -> str | None:
+    """Why the scheduler must not place *ins* under its project's quota, or None.
+    *within*: the projects already found to desire no more than their quota in this
+    transaction (placing changes no one's desire), filled in as they are found."""
     row = tx.row(ins["id"])
     if row is None or row["project_id"] is None:
+        return None
+    if within is not None and row["project_id"] in within:
         return None
     project = tx.get(row["project_id"])
     if project is None:
@@ -168,6 +172,8 @@ def placement_refusal(tx: Tx, ins: dict[str, Any]) -> str | None:
     if all(desired.get(d) <= quota[d] for d in placing):
         # the placed instances of current releases never exceed what is desired (extra
         # ones are stopped, evicted ones don't count): within the quota, nothing to count
+        if within is not None:
+            within.add(str(row["project_id"]))
         return None
     current = {
         env["id"]: env["spec"].get("release")
