@@ -126,6 +126,10 @@ def serve(
         access_log=access_log,
         lifespan="on",
         timeout_graceful_shutdown=3,
+        # longer than the agents' 5 s heartbeat: with uvicorn's 5 s default the server closed
+        # an idle connection just as the next heartbeat went out on it (ReadError at the
+        # agent, a lost heartbeat; 80 in a run of 500 agents)
+        timeout_keep_alive=30,
         ws="websockets-sansio",
     )
     server = uvicorn.Server(config)

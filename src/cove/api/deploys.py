@@ -707,9 +707,9 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         return await run_in_threadpool(run)
 
     # What agents report about their instances: status and events are parked and written
-    # together, many requests in one transaction, by one thread (api.batch); logs and
-    # secrets run on threads of their own. 500 agents starting 10,000 instances otherwise
-    # take every thread of the API's shared pool, and a user's request waits behind them.
+    # together, many requests in one transaction, by one thread (api.batch); logs run on
+    # threads of their own. 500 agents starting 10,000 instances otherwise take every
+    # thread of the API's shared pool, and a user's request waits behind them.
     reports = CapacityLimiter(16)
     batcher = WriteBatcher(store)
 
