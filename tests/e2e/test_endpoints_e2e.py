@@ -60,7 +60,11 @@ def serving(ep: dict[str, Any], n: int | None = None) -> bool:
     ready = next((c for c in ep["status"].get("conditions", []) if c["type"] == "Ready"), {})
     if ready.get("status") != "true":
         return False
-    return n is None or len(ep["status"]["backends"]) == n
+    # the edge has applied the rotation the store has (and not only listens)
+    wanted = {b["instance"] for b in ep["status"]["backends"]}
+    if set(ep["status"]["edge"].get("backends") or []) != wanted:
+        return False
+    return n is None or len(wanted) == n
 
 
 @pytest.mark.both_drivers

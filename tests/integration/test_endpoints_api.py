@@ -30,6 +30,9 @@ from tests.integration.helpers import (
     signup,
     snapshot,
 )
+from tests.integration.test_billing import World, clock, image, world
+
+__all__ = ["clock", "image", "world"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -381,3 +384,55 @@ def test_a_deleted_endpoint_waits_for_its_edge_but_not_forever(
         for e in ok(api.get("/v1/events", params={"limit": 1000}, headers=user.headers))["items"]
     ]
     assert "EdgeNotConfirmed" in reasons and "AddressesReleased" in reasons
+
+
+def test_serving_waits_for_the_edge_to_route_to_the_ready_instances(
+    store: Store, world: World
+) -> None:
+    """`backends` is the rotation the store wants; `edge.backends` what the edge applied.
+    Ready instances the edge does not route to yet serve nothing: the endpoint is `Serving`
+    only once the edge says it sends connections to one of them."""
+    w = world
+    ok(w.deploy(count=2), 202)
+    settle(store)
+    for n, ins in enumerate(w.instances(), start=2):  # what the agent says once checks pass
+        body = {"state": "running", "health": "passing", "ready": True, "driver": "sandbox",
+                "addresses": {"ipv4": f"10.0.0.{n}", "ipv6": f"fd00::{n}"}}  # fmt: skip
+        ok(w.api.put(f"/v1/instances/{ins['id']}/status", json=body, headers=w.node))
+    create(w.api, w.user, "endpoints", endpoint("web", (80, "web", 8080)))
+    settle(store)
+    ep = get(w.api, w.user, "/v1/endpoints/web", **SCOPE)
+    served = ok(w.api.get(f"/v1/nodes/{w.node_id}/edge", headers=w.node))["endpoints"][0]
+    bound = [["tcp", a, 80] for a in served["addresses"]]
+    ids = sorted(b["instance"] for b in served["ports"][0]["backends"])
+    assert len(ids) == 2
+
+    def report(routed: list[str]) -> dict[str, Any]:
+        body = {"endpoints": {ep["id"]: {"bound": bound, "backends": routed}}}
+        ok(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=body, headers=w.node))
+        settle(store)
+        doc: dict[str, Any] = get(w.api, w.user, "/v1/endpoints/web", **SCOPE)
+        return doc
+
+    # listening, but on the configuration from before the instances were Ready
+    doc = report([])
+    ready = get_condition(doc["status"], "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == ("false", "Routing")
+    assert len(doc["status"]["backends"]) == 2 and doc["status"]["edge"]["backends"] == []
+    # one of the two: serving, and it says how many
+    doc = report([ids[0]])
+    ready = get_condition(doc["status"], "Ready")
+    assert ready is not None and ready["reason"] == "Serving" and "1 of 2" in ready["message"]
+    doc = report(ids)
+    ready = get_condition(doc["status"], "Ready")
+    assert ready is not None and ready["message"].startswith("2 instance(s)"), ready
+    assert doc["status"]["edge"]["backends"] == ids
+    events = get(w.api, w.user, "/v1/events", limit=1000, **SCOPE)["items"]
+    reasons = [e["spec"]["reason"] for e in events]
+    assert "Routing" in reasons and "Serving" in reasons
+
+    # a report naming something else is refused, and the status stays
+    for bad in ([1], ["x" * 41], "ins_a"):
+        body = {"endpoints": {ep["id"]: {"bound": bound, "backends": bad}}}
+        problem(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=body, headers=w.node), 422)
+    assert get(w.api, w.user, "/v1/endpoints/web", **SCOPE)["status"] == doc["status"]

@@ -1,15 +1,21 @@
-"""The cove.ctl frame codec and the CONFIG the supervisor sends (guest/PROTOCOL.md)."""
+"""The cove.ctl frame codec, the CONFIG the supervisor sends (guest/PROTOCOL.md), and the
+supervisor's end of an exec session."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from cove.runtime import InstanceSpec, NetConfig, VolumeMount
+from cove.runtime.layout import InstancePaths
 from cove.runtime.microvm import protocol as P
-from cove.runtime.microvm.supervisor import config_records, run_dir
+from cove.runtime.microvm.driver import MicroVMExecProcess
+from cove.runtime.microvm.supervisor import VMSupervisor, config_records, run_dir
 
 
 def test_frames_survive_any_split() -> None:
@@ -99,3 +105,59 @@ def test_socket_dir_is_short_whatever_the_instance_dir() -> None:
     long = Path("/var/lib/cove/" + "x" * 200 + "/instances/ins_" + "y" * 60)
     assert len(str(run_dir(long) / "exec.sock")) < 100
     assert run_dir(long) != run_dir(long.parent / "other")
+
+
+def test_a_command_that_ends_as_its_input_closes_still_reports_its_exit(tmp_path: Path) -> None:
+    """The guest's EXIT and the client's end-of-input cross: the client writes after the
+    supervisor finished the session. Closing the socket then (as the supervisor once did)
+    broke the client's write, and asyncio dropped the EXIT frame still unread: `cove exec`
+    reported 255 for a command that exited 0."""
+    path = str(tmp_path / "exec.sock")
+    ended = threading.Event()
+    sup_loop = asyncio.new_event_loop()
+    handlers: list[asyncio.Future[None]] = []
+    sup = VMSupervisor(InstancePaths(tmp_path), -1)
+
+    async def guest(type_: int, channel: int, payload: bytes = b"") -> None:
+        if type_ == P.EXEC:  # the command starts and ends at once
+            sup._on_frame(P.Frame(P.EXEC_STARTED, channel, b"42"))
+            sup._on_frame(P.Frame(P.EXIT, channel, b"exit 0"))
+            ended.set()
+
+    sup._send = guest  # type: ignore[method-assign]
+
+    async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(sup._exec_client(r, w))
+        handlers.append(task)
+        await task
+
+    server = sup_loop.run_until_complete(asyncio.start_unix_server(client, path=path))
+    thread = threading.Thread(target=sup_loop.run_forever, daemon=True)
+    thread.start()
+
+    async def run() -> int:
+        reader, writer = await asyncio.open_unix_connection(path)
+        proc = MicroVMExecProcess(reader, writer, tty=False)
+        writer.write(P.encode(P.EXEC, 0, P.records([("arg", "true")])))
+        await writer.drain()
+        # without yielding to this loop: the session is over on the supervisor's side
+        # before this client has read a byte of it
+        assert ended.wait(5)
+        time.sleep(0.05)
+        await proc.close_stdin()
+        code = await proc.wait(5)
+        proc.close()
+        return code
+
+    try:
+        assert asyncio.run(run()) == 0
+        # the supervisor's end closes once the client hung up
+        deadline = time.monotonic() + 5
+        while not (handlers and handlers[0].done()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handlers and handlers[0].done()
+    finally:
+        server.close()
+        sup_loop.call_soon_threadsafe(sup_loop.stop)
+        thread.join(5)
+        sup_loop.close()

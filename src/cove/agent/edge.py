@@ -160,6 +160,7 @@ class EdgeRunner:
         self._endpoints: set[str] = set()
         self._routes: dict[str, str] = {}
         self._owner: dict[tuple[str, str, int], str] = {}
+        self._routing: dict[str, set[str]] = {}  # by endpoint: the instances its listeners use
         # the counters count from 0 in each edge: the server meters egress per epoch
         self.epoch = secrets.token_hex(8)
         self.reconnected = asyncio.Event()  # the agent's heartbeats got through again
@@ -235,6 +236,9 @@ class EdgeRunner:
             self._local = set()
         self._endpoints = {str(ep["endpoint"]) for ep in cfg.get("endpoints") or []}
         self._owner = {(ln.protocol, ln.address, ln.port): ln.endpoint for ln in ls}
+        self._routing = {}
+        for ln in ls:
+            self._routing.setdefault(ln.endpoint, set()).update(b.id for b in ln.backends)
 
     async def _report_body(self) -> dict[str, Any]:
         counters, listening = await self.edge.snapshot()
@@ -247,6 +251,9 @@ class EdgeRunner:
         for ep in sorted(self._endpoints | set(bound) | set(self._bind_errors)):
             out[ep] = {
                 "bound": bound.get(ep, []),
+                # what the endpoint's listeners send new connections to now: the endpoint
+                # shows as serving those, not the instances the store calls Ready
+                "backends": sorted(self._routing.get(ep, ())),
                 "errors": self._bind_errors.get(ep, []),
                 "counters": asdict(counters.get(ep, Counters())),
             }

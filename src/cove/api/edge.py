@@ -41,6 +41,10 @@ class _Body(BaseModel):
 
 class EndpointReport(_Body):
     bound: list[tuple[str, str, int]] = Field(default_factory=list, max_length=256)
+    # the instances the endpoint's listeners route new connections to
+    backends: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=list, max_length=10_000
+    )
     errors: list[Annotated[str, Field(max_length=500)]] = Field(default_factory=list, max_length=64)
     counters: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
 
@@ -104,6 +108,7 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
         report = {
             ep: {
                 "bound": [list(b) for b in r.bound],
+                "backends": sorted(set(r.backends)),
                 "errors": r.errors,
                 "counters": {k: v for k, v in r.counters.items() if k in COUNTERS},
             }

@@ -438,8 +438,12 @@ class EndpointController:
         report = ((node or {}).get("status", {}).get("edge") or {}).get(key) or {}
         status["edge"] = {
             "bound": [list(b) for b in report.get("bound") or []],
+            # what the edge applied: the instances it sends new connections to (it hears
+            # of a change to `backends` a moment after the store has it)
+            "backends": sorted(str(i) for i in report.get("backends") or []),
             "errors": list(report.get("errors") or []),
         }
+        routed = [b for b in bs if b["instance"] in status["edge"]["backends"]]
         if report.get("counters"):
             status["traffic"] = dict(report["counters"])
         missing = sorted(wls - set(templates or {})) if templates is not None else []
@@ -461,8 +465,11 @@ class EndpointController:
         elif not bs:
             what = "nothing is deployed yet" if templates is None else "no instance is Ready"
             cond = ("false", "NoReadyInstances", f"listening on {shown}; {what}")
+        elif not routed:
+            cond = ("false", "Routing", f"the edge on {node['name']} is taking the instances in")
         else:
-            cond = ("true", "Serving", f"{len(bs)} instance(s) behind {shown}")
+            n = f"{len(routed)}" if len(routed) == len(bs) else f"{len(routed)} of {len(bs)}"
+            cond = ("true", "Serving", f"{n} instance(s) behind {shown}")
         set_condition(status, "Ready", cond[0], cond[1], cond[2])  # type: ignore[arg-type]
         if cond[1] == "BindFailed":
             set_condition(status, "Failed", "true", "BindFailed", cond[2])

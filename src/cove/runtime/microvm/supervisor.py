@@ -49,6 +49,7 @@ HANG_TIMEOUT = 30.0  # no frame from the guest for this long: hung
 CONSOLE_MAX = 1 << 20  # console.log is cut back to its last half beyond this
 QEMU_OVERHEAD_MB = 192  # host memory QEMU may use beyond the guest's RAM (cgroup limit)
 CLIENT_BUFFER_MAX = 8 << 20  # an exec client that reads slower than this loses its session
+CLIENT_LINGER = 10.0  # seconds an exec client may stay connected after its command's EXIT
 RUN_ROOT = Path("/run/cove/vm")
 
 
@@ -96,6 +97,7 @@ class ExecSession:
     def __init__(self, channel: int, writer: asyncio.StreamWriter) -> None:
         self.channel = channel
         self.writer: asyncio.StreamWriter | None = writer
+        self.ended = False  # the guest sent the command's EXIT
 
     def send(self, frame: P.Frame) -> None:
         w = self.writer
@@ -109,9 +111,18 @@ class ExecSession:
         w.write(P.encode(frame.type, 0, frame.payload))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """The command ended: no more frames for the client. Only half-close here: closing
+        a unix socket that holds unread data (the client's end-of-input, sent as the command
+        ended) resets it, and asyncio's reader then raises the reset before handing over the
+        EXIT frame still buffered. ``_exec_client`` closes once the client hangs up."""
+        w = self.writer
+        self.writer = None
+        self.ended = True
+        if w is not None and not w.is_closing():
+            if w.can_write_eof():
+                w.write_eof()
+            else:
+                w.close()
 
 
 class VMSupervisor:
@@ -431,8 +442,10 @@ class VMSupervisor:
         decoder = P.Decoder()
         sess: ExecSession | None = None
         try:
-            while data := await reader.read(1 << 16):
+            while data := await self._read_client(reader, sess):
                 for f in decoder.feed(data):
+                    if sess is not None and sess.ended:
+                        continue  # the command ended: what the client still sends is moot
                     if sess is None:
                         if f.type != P.EXEC or self.exit_text is not None or self.exited.is_set():
                             writer.write(P.encode(P.FATAL, 0, b"the instance is not running"))
@@ -446,13 +459,21 @@ class VMSupervisor:
                         await self._send(f.type, sess.channel, f.payload)
         except (P.ProtocolError, ConnectionError) as exc:
             _log(f"exec client: {exc}")
+        except TimeoutError:
+            pass  # the command ended and the client did not hang up in time
         finally:
-            if sess is not None and sess.channel in self.sessions:
+            if sess is not None and not sess.ended and sess.channel in self.sessions:
                 # the client went away before the command ended: end the command
                 await self._send(P.SIGNAL, sess.channel, b"9")
                 sess.writer = None
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _read_client(self, reader: asyncio.StreamReader, sess: ExecSession | None) -> bytes:
+        if sess is not None and sess.ended:
+            # the command ended and the client was told: wait a little for it to hang up
+            return await asyncio.wait_for(reader.read(1 << 16), CLIENT_LINGER)
+        return await reader.read(1 << 16)
 
     def _new_channel(self) -> int:
         while True:
