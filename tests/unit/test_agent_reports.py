@@ -22,6 +22,7 @@ class FakeApi:
         self.bodies: list[dict[str, Any]] = []
         self.down = False
         self.missing: set[str] = set()
+        self.answer = 200  # a problem status to answer with instead
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if self.down:
@@ -29,6 +30,9 @@ class FakeApi:
         assert request.method == "PUT" and request.url.path == "/v1/nodes/n1/reports"
         body = json.loads(request.content)
         self.bodies.append(body)
+        if self.answer != 200:
+            problem = {"status": self.answer, "detail": "refused", "code": "bad"}
+            return httpx.Response(self.answer, json=problem)
         missing = sorted(i for i in body["statuses"] if i in self.missing)
         return httpx.Response(200, json={"missing": missing})
 
@@ -113,3 +117,29 @@ def test_more_than_a_batch_goes_in_several_requests() -> None:
 
     api = asyncio.run(run())
     assert [len(b["statuses"]) for b in api.bodies] == [BATCH, BATCH, 10]
+
+
+def test_a_batch_the_api_refuses_is_dropped_and_what_follows_goes_through() -> None:
+    """A 422 for a batch would come again for the same batch: resending it forever would
+    hold up every later report of the node. A 503 is only the API away: kept."""
+
+    async def run() -> tuple[FakeApi, list[bool]]:
+        api = FakeApi()
+        r = reporter(api)
+        task = asyncio.create_task(r.run())
+        api.answer = 503
+        r.status("ins_a", st("starting"))
+        flushed = [await r.flushed(0.3)]
+        api.answer = 422
+        flushed.append(await r.flushed(2.0))
+        api.answer = 200
+        r.status("ins_b", st("running"))
+        flushed.append(await r.flushed(2.0))
+        task.cancel()
+        return api, flushed
+
+    api, flushed = asyncio.run(run())
+    assert flushed == [False, True, True]
+    refused = [b for b in api.bodies if "ins_a" in b["statuses"]]
+    assert len(refused) >= 2  # resent while the API was away, then refused once and dropped
+    assert api.bodies[-1] == {"statuses": {"ins_b": st("running")}, "events": []}

@@ -25,6 +25,7 @@ log = logging.getLogger("cove.agent.reports")
 EVERY = 0.1  # seconds a report waits for others to go with it
 BATCH = 500  # instances' statuses (and events) per request, the API's limit
 PENDING_EVENTS = 5000  # events kept while the API is away; the oldest go first
+REFUSED = (400, 413, 422)  # the API refuses what was sent: sending it again cannot help
 
 
 class Reporter:
@@ -88,9 +89,19 @@ class Reporter:
             ids = list(self.statuses)[:BATCH]
             statuses = {i: self.statuses[i] for i in ids}
             events = self.events[:BATCH]
-            res = await self.client.put(
-                f"/v1/nodes/{self.node_id}/reports", {"statuses": statuses, "events": events}
-            )
+            try:
+                res = await self.client.put(
+                    f"/v1/nodes/{self.node_id}/reports", {"statuses": statuses, "events": events}
+                )
+            except errors.CoveError as exc:
+                if exc.status not in REFUSED:
+                    raise
+                # the same batch would be refused again, and hold up every report after it
+                log.error(
+                    "the API refused %d instance status(es) and %d event(s), dropped: %s",
+                    len(statuses), len(events), exc.detail,
+                )  # fmt: skip
+                res = {"missing": list(statuses)}
             for i, body in statuses.items():
                 if self.statuses.get(i) is body:  # not replaced while this was on its way
                     del self.statuses[i]

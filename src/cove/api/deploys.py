@@ -545,13 +545,18 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
     # -- node agent side -------------------------------------------------------------------------
 
+    def node_instance(tx: Tx, node_id: str, iid: str, *, lock: bool) -> dict[str, Any] | None:
+        """Instance *iid* if it is on node *node_id* (read in the caller's transaction)."""
+        ins = tx.get(iid, for_update=lock)
+        if ins is None or ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
+            return None
+        return ins
+
     def own_instance(who: auth.Principal, ins_id: str) -> dict[str, Any]:
-        node_id = who.require_node()
-        try:
-            ins: dict[str, Any] = store.get(ins_id)
-        except errors.NotFound:
-            raise errors.NotFound(f"no instance {ins_id}") from None
-        if ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
+        """Instance *ins_id* if it is on the calling node; 404 otherwise."""
+        with store.read() as conn:
+            ins = node_instance(Tx(conn), who.require_node(), ins_id, lock=False)
+        if ins is None:
             raise errors.NotFound(f"no instance {ins_id} on this node")
         return ins
 
@@ -712,13 +717,6 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     # thread of the API's shared pool, and a user's request waits behind them.
     reports = CapacityLimiter(16)
     batcher = WriteBatcher(store)
-
-    def node_instance(tx: Tx, node_id: str, iid: str, *, lock: bool) -> dict[str, Any] | None:
-        """Instance *iid* if it is on node *node_id*, read in the write transaction."""
-        ins = tx.get(iid, for_update=lock)
-        if ins is None or ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
-            return None
-        return ins
 
     def apply_status(tx: Tx, ins: dict[str, Any], body: InstanceStatusBody) -> int:
         """Write what the node reports of *ins* (read for update); the new revision."""
