@@ -388,6 +388,12 @@ def test_draining_a_node_moves_its_instance_with_no_request_lost(multinode: Mult
         worker.join(30)
         assert c.cove("nodes", "uncordon", other.name).code == 0
     print(f"drain under load: {len(answered)} requests, {len(failures)} failed")
+    # the instance's node waited for the edge on the other node, not for a timeout
+    events = d._get("/v1/events", parent=moving["id"], limit=1000)["items"]
+    drains = [f"{e['spec']['reason']}: {e['spec']['message']}" for e in events
+              if e["spec"]["reason"] in ("Drained", "DrainTimeout")]  # fmt: skip
+    print("drain events:", drains)
+    assert not [m for m in drains if m.startswith("DrainTimeout")], drains
     assert not failures, f"{len(failures)} of {len(answered) + len(failures)}: {failures[:5]}"
     assert moving["name"] in answered and len(answered) > 50, len(answered)
     now = [i for i in d.api_instances() if i["spec"].get("desired") == "running"]

@@ -386,12 +386,13 @@ def test_a_deleted_endpoint_waits_for_its_edge_but_not_forever(
     assert "EdgeNotConfirmed" in reasons and "AddressesReleased" in reasons
 
 
-def test_serving_waits_for_the_edge_to_route_to_the_ready_instances(
+def test_serving_waits_for_the_edge_and_a_node_asks_which_edges_use_its_instance(
     store: Store, world: World
 ) -> None:
     """`backends` is the rotation the store wants; `edge.backends` what the edge applied.
     Ready instances the edge does not route to yet serve nothing: the endpoint is `Serving`
-    only once the edge says it sends connections to one of them."""
+    only once the edge says it sends connections to one of them. An instance's node asks
+    which edges still route to it or hold connections to it (`leaving`) before stopping it."""
     w = world
     ok(w.deploy(count=2), 202)
     settle(store)
@@ -407,9 +408,11 @@ def test_serving_waits_for_the_edge_to_route_to_the_ready_instances(
     ids = sorted(b["instance"] for b in served["ports"][0]["backends"])
     assert len(ids) == 2
 
+    def report_body(routed: list[str]) -> dict[str, Any]:
+        return {"endpoints": {ep["id"]: {"bound": bound, "backends": routed}}}
+
     def report(routed: list[str]) -> dict[str, Any]:
-        body = {"endpoints": {ep["id"]: {"bound": bound, "backends": routed}}}
-        ok(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=body, headers=w.node))
+        ok(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=report_body(routed), headers=w.node))
         settle(store)
         doc: dict[str, Any] = get(w.api, w.user, "/v1/endpoints/web", **SCOPE)
         return doc
@@ -431,8 +434,24 @@ def test_serving_waits_for_the_edge_to_route_to_the_ready_instances(
     reasons = [e["spec"]["reason"] for e in events]
     assert "Routing" in reasons and "Serving" in reasons
 
+    # what an instance's node asks before it stops the instance: which edges still use it
+    def using(iid: str) -> dict[str, Any]:
+        doc: dict[str, Any] = ok(w.api.get(f"/v1/instances/{iid}/edges", headers=w.node))
+        return doc
+
+    me = {"id": w.node_id, "name": "n1"}
+    assert using(ids[0]) == {"instance": ids[0], "routing": [me], "leaving": []}
+    body = {"endpoints": {ep["id"]: {"bound": bound, "backends": [ids[1]], "leaving": [ids[0]]}}}
+    ok(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=body, headers=w.node))
+    assert using(ids[0]) == {"instance": ids[0], "routing": [], "leaving": [me]}
+    problem(w.api.get("/v1/instances/ins_nope/edges", headers=w.node), 404)
+    ok(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=report_body(ids), headers=w.node))
+    settle(store)
+    doc = get(w.api, w.user, "/v1/endpoints/web", **SCOPE)
+
     # a report naming something else is refused, and the status stays
-    for bad in ([1], ["x" * 41], "ins_a"):
-        body = {"endpoints": {ep["id"]: {"bound": bound, "backends": bad}}}
-        problem(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=body, headers=w.node), 422)
+    for field in ("backends", "leaving"):
+        for bad in ([1], ["x" * 41], "ins_a", None):
+            body = {"endpoints": {ep["id"]: {"bound": bound, field: bad}}}
+            problem(w.api.put(f"/v1/nodes/{w.node_id}/edge", json=body, headers=w.node), 422)
     assert get(w.api, w.user, "/v1/endpoints/web", **SCOPE)["status"] == doc["status"]

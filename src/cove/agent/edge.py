@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from cove import errors
@@ -37,6 +37,18 @@ log = logging.getLogger("cove.agent.edge")
 
 REPORT_SECONDS = 10.0
 DRAIN_SECONDS = 10.0  # longest wait for open connections before an instance is stopped
+DRAIN_POLL = 0.2  # seconds between looks at the other edges' reports while draining
+LEAVING_SECONDS = 60.0  # longest an instance out of rotation is reported as still in use
+
+
+@dataclass
+class Drain:
+    """What draining an instance took: connections open through this node's edge, other
+    nodes whose edges it waited for, and whether everything ended in time."""
+
+    open_here: int = 0
+    waited_for: set[str] = field(default_factory=set)
+    drained: bool = True
 
 
 def listeners(cfg: dict[str, Any]) -> list[Listener]:
@@ -161,6 +173,10 @@ class EdgeRunner:
         self._routes: dict[str, str] = {}
         self._owner: dict[tuple[str, str, int], str] = {}
         self._routing: dict[str, set[str]] = {}  # by endpoint: the instances its listeners use
+        # by endpoint: instances out of its rotation whose connections through here are still
+        # open (reported, so that their node waits for them before it stops the instance)
+        self._leaving: dict[str, set[str]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
         # the counters count from 0 in each edge: the server meters egress per epoch
         self.epoch = secrets.token_hex(8)
         self.reconnected = asyncio.Event()  # the agent's heartbeats got through again
@@ -171,6 +187,8 @@ class EdgeRunner:
                 tg.create_task(self._follow())
                 tg.create_task(self._report_loop())
         finally:
+            for task in list(self._watchers):
+                task.cancel()
             await self.edge.close()
             if self._local:
                 with contextlib.suppress(Exception):
@@ -236,9 +254,33 @@ class EdgeRunner:
             self._local = set()
         self._endpoints = {str(ep["endpoint"]) for ep in cfg.get("endpoints") or []}
         self._owner = {(ln.protocol, ln.address, ln.port): ln.endpoint for ln in ls}
-        self._routing = {}
+        before, self._routing = self._routing, {}
         for ln in ls:
             self._routing.setdefault(ln.endpoint, set()).update(b.id for b in ln.backends)
+        for ep, ids in before.items():
+            for iid in ids - self._routing.get(ep, set()):
+                if await self.edge.active(iid):
+                    self._leaving.setdefault(ep, set()).add(iid)
+                    self._watch(iid)
+        for ep, ids in list(self._leaving.items()):  # back in rotation: no longer leaving
+            ids -= self._routing.get(ep, set())
+            if not ids:
+                del self._leaving[ep]
+
+    def _watch(self, iid: str) -> None:
+        """Report once the connections to *iid*, out of rotation, have ended."""
+
+        async def watch() -> None:
+            await self.edge.drain(iid, LEAVING_SECONDS)
+            for ep in list(self._leaving):
+                self._leaving[ep].discard(iid)
+                if not self._leaving[ep]:
+                    del self._leaving[ep]
+            await self.report()
+
+        task = asyncio.ensure_future(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _report_body(self) -> dict[str, Any]:
         counters, listening = await self.edge.snapshot()
@@ -248,12 +290,15 @@ class EdgeRunner:
             if ep is not None:
                 bound.setdefault(ep, []).append([proto, addr, port])
         out: dict[str, Any] = {}
-        for ep in sorted(self._endpoints | set(bound) | set(self._bind_errors)):
+        for ep in sorted(
+            self._endpoints | set(bound) | set(self._bind_errors) | set(self._leaving)
+        ):
             out[ep] = {
                 "bound": bound.get(ep, []),
                 # what the endpoint's listeners send new connections to now: the endpoint
                 # shows as serving those, not the instances the store calls Ready
                 "backends": sorted(self._routing.get(ep, ())),
+                "leaving": sorted(self._leaving.get(ep, ())),
                 "errors": self._bind_errors.get(ep, []),
                 "counters": asdict(counters.get(ep, Counters())),
             }
@@ -274,9 +319,9 @@ class EdgeRunner:
             await asyncio.sleep(REPORT_SECONDS)
             await self.report()
 
-    async def drain(self, instance_id: str, timeout: float = DRAIN_SECONDS) -> tuple[int, bool]:
-        """Wait until no new connection goes to the instance, then for its open ones to end.
-        Returns (connections that were open, drained in time)."""
+    async def drain(self, instance_id: str, timeout: float = DRAIN_SECONDS) -> Drain:
+        """Wait until no new connection goes to the instance, then for its open ones to end:
+        through this node's edge, then through the other nodes' edges (by their reports)."""
         deadline = time.monotonic() + timeout
         async with self.applied:
             with contextlib.suppress(TimeoutError):
@@ -284,8 +329,34 @@ class EdgeRunner:
                     self.applied.wait_for(lambda: instance_id not in self.routed),
                     max(0.1, min(5.0, deadline - time.monotonic())),
                 )
-        open_now = await self.edge.active(instance_id)
-        if open_now == 0:
-            return 0, True
-        ok = await self.edge.drain(instance_id, max(0.0, deadline - time.monotonic()))
-        return open_now, ok
+        out = Drain(open_here=await self.edge.active(instance_id))
+        if out.open_here:
+            left = max(0.0, deadline - time.monotonic())
+            out.drained = await self.edge.drain(instance_id, left)
+        await self._drain_elsewhere(instance_id, deadline, out)
+        return out
+
+    async def _drain_elsewhere(self, instance_id: str, deadline: float, out: Drain) -> None:
+        """Wait until no other node's edge reports routing to the instance or connections
+        to it still open (an edge elsewhere can't be asked directly; its reports can)."""
+        while True:
+            try:
+                got = await self.client.get(f"/v1/instances/{instance_id}/edges", timeout=5.0)
+            except errors.NotFound:
+                return  # gone from the API: no edge is told to route to it
+            except errors.CoveError as exc:
+                log.warning("drain: can't ask which edges use %s: %s", instance_id, exc.detail)
+                out.drained = False
+                return
+            busy = {
+                str(n["name"])
+                for n in [*got.get("routing", ()), *got.get("leaving", ())]
+                if n.get("id") != self.node_id
+            }
+            out.waited_for.update(busy)
+            if not busy:
+                return
+            if time.monotonic() >= deadline:
+                out.drained = False
+                return
+            await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - time.monotonic())))

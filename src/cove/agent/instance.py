@@ -528,17 +528,22 @@ class InstanceWorker:
             self._send(state="stopping", ready=False, message="stopping")
             if self.ctx.edge is not None:
                 t0 = time.monotonic()
-                was_open, drained = await self.ctx.edge.drain(self.iid)
-                if was_open:
+                d = await self.ctx.edge.drain(self.iid)
+                if d.open_here or d.waited_for or not d.drained:
                     took = time.monotonic() - t0
+                    what = []
+                    if d.open_here:
+                        what.append(f"{d.open_here} open connection(s) through this node's edge")
+                    if d.waited_for:
+                        what.append(f"the edge on {', '.join(sorted(d.waited_for))}")
                     self._event(
-                        "Normal" if drained else "Warning",
-                        "Drained" if drained else "DrainTimeout",
-                        f"{was_open} open connection(s) through the edge "
+                        "Normal" if d.drained else "Warning",
+                        "Drained" if d.drained else "DrainTimeout",
+                        (" and ".join(what) or "the edges")
                         + (
-                            f"finished in {took:.1f}s"
-                            if drained
-                            else f"still open after {took:.0f}s"
+                            f": done in {took:.1f}s"
+                            if d.drained
+                            else f": not done after {took:.0f}s"
                         )
                         + "; stopping",
                     )

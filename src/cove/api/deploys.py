@@ -138,6 +138,23 @@ class LogBatch(_Body):
     lines: list[LogLineBody] = Field(max_length=5000)
 
 
+def node_instance(tx: Tx, node_id: str, iid: str, *, lock: bool) -> dict[str, Any] | None:
+    """Instance *iid* if it is on node *node_id* (read in the caller's transaction)."""
+    ins = tx.get(iid, for_update=lock)
+    if ins is None or ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
+        return None
+    return ins
+
+
+def own_instance_of(store: Any, who: auth.Principal, ins_id: str) -> dict[str, Any]:
+    """Instance *ins_id* if it is on the calling node; 404 otherwise."""
+    with store.read() as conn:
+        ins = node_instance(Tx(conn), who.require_node(), ins_id, lock=False)
+    if ins is None:
+        raise errors.NotFound(f"no instance {ins_id} on this node")
+    return ins
+
+
 def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
     """Add the deploy routes to *app* (``api`` is the ``cove.api.app.Api``)."""
     store = api.store
@@ -545,20 +562,8 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
     # -- node agent side -------------------------------------------------------------------------
 
-    def node_instance(tx: Tx, node_id: str, iid: str, *, lock: bool) -> dict[str, Any] | None:
-        """Instance *iid* if it is on node *node_id* (read in the caller's transaction)."""
-        ins = tx.get(iid, for_update=lock)
-        if ins is None or ins["kind"] != "instance" or ins["spec"].get("node") != node_id:
-            return None
-        return ins
-
     def own_instance(who: auth.Principal, ins_id: str) -> dict[str, Any]:
-        """Instance *ins_id* if it is on the calling node; 404 otherwise."""
-        with store.read() as conn:
-            ins = node_instance(Tx(conn), who.require_node(), ins_id, lock=False)
-        if ins is None:
-            raise errors.NotFound(f"no instance {ins_id} on this node")
-        return ins
+        return own_instance_of(store, who, ins_id)
 
     @app.get("/v1/nodes/{node_id}/assignments", tags=["nodes"], summary="Instances placed here")
     async def assignments(

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import cove.control.endpoints as endpoints
 from cove import errors
 from cove.api import auth
+from cove.api.deploys import own_instance_of
 from cove.api.views import NodeView
 from cove.net.pools import Pools
 from cove.store import meter
@@ -43,6 +44,10 @@ class EndpointReport(_Body):
     bound: list[tuple[str, str, int]] = Field(default_factory=list, max_length=256)
     # the instances the endpoint's listeners route new connections to
     backends: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=list, max_length=10_000
+    )
+    # instances out of its rotation with connections through this edge still open
+    leaving: list[Annotated[str, Field(max_length=40)]] = Field(
         default_factory=list, max_length=10_000
     )
     errors: list[Annotated[str, Field(max_length=500)]] = Field(default_factory=list, max_length=64)
@@ -102,6 +107,20 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
         api.notifier, lambda: endpoints.edge_etags(store), CapacityLimiter(4), every=0.25
     )
 
+    @app.get(
+        "/v1/instances/{ins_id}/edges", tags=["nodes"], summary="The edges that use an instance"
+    )
+    async def edges_using(ins_id: str, who: Who) -> dict[str, Any]:
+        """For the instance's node, before it stops the instance: the Ready nodes whose edge
+        still routes new connections to it (``routing``) or has some open (``leaving``)."""
+
+        def run() -> dict[str, Any]:
+            own_instance_of(store, who, ins_id)
+            with store.read() as conn:
+                return {"instance": ins_id, **endpoints.edges_using(conn, ins_id)}
+
+        return await run_in_threadpool(run)
+
     @app.put("/v1/nodes/{node_id}/edge", tags=["nodes"], summary="Report what the edge bound")
     async def edge_report(node_id: str, body: EdgeReport, who: Who) -> dict[str, Any]:
         who.require_node(node_id)
@@ -109,6 +128,7 @@ def register(app: FastAPI, api: Any, pools: Pools) -> None:
             ep: {
                 "bound": [list(b) for b in r.bound],
                 "backends": sorted(set(r.backends)),
+                "leaving": sorted(set(r.leaving)),
                 "errors": r.errors,
                 "counters": {k: v for k, v in r.counters.items() if k in COUNTERS},
             }

@@ -217,6 +217,21 @@ def down_nodes(conn: Any, nodes: list[dict[str, Any]] | None = None) -> set[str]
     return {str(n["id"]) for n in (_nodes(conn) if nodes is None else nodes) if not _node_ready(n)}
 
 
+def edges_using(conn: Any, instance_id: str) -> dict[str, list[dict[str, str]]]:
+    """The Ready nodes whose edge, by its last report, still sends new connections to the
+    instance (``routing``) or still has connections to it open (``leaving``); what the
+    instance's node waits for before it stops it."""
+    out: dict[str, list[dict[str, str]]] = {"routing": [], "leaving": []}
+    for n in sorted(_nodes(conn), key=lambda n: str(n["name"])):
+        if not _node_ready(n):
+            continue  # a lost node's report can't be trusted, nor waited for
+        reports = (n["status"].get("edge") or {}).values()
+        for key, field in (("routing", "backends"), ("leaving", "leaving")):
+            if any(instance_id in (r.get(field) or ()) for r in reports):
+                out[key].append({"id": str(n["id"]), "name": str(n["name"])})
+    return out
+
+
 def node_networks(
     conn: Any, *, exclude: str | None = None
 ) -> list[tuple[str, subnets.NodeNetwork]]:
