@@ -30,7 +30,7 @@ from cove.model.resource import now_iso, set_condition
 from cove.model.specs import NAME_RE, EndpointSpec
 from cove.model.workload import ENV_KEY_RE, WorkloadTemplate
 from cove.net.pools import Pools
-from cove.store import Tx, quotas
+from cove.store import Store, Tx, quotas
 from cove.store import schema as t
 from cove.store.crypto import MasterKey, Sealed
 
@@ -146,7 +146,7 @@ def node_instance(tx: Tx, node_id: str, iid: str, *, lock: bool) -> dict[str, An
     return ins
 
 
-def own_instance_of(store: Any, who: auth.Principal, ins_id: str) -> dict[str, Any]:
+def own_instance_of(store: Store, who: auth.Principal, ins_id: str) -> dict[str, Any]:
     """Instance *ins_id* if it is on the calling node; 404 otherwise."""
     with store.read() as conn:
         ins = node_instance(Tx(conn), who.require_node(), ins_id, lock=False)

@@ -458,7 +458,8 @@ class EndpointController:
             "backends": sorted(str(i) for i in report.get("backends") or []),
             "errors": list(report.get("errors") or []),
         }
-        routed = [b for b in bs if b["instance"] in status["edge"]["backends"]]
+        applied = set(status["edge"]["backends"])
+        routed = [b for b in bs if b["instance"] in applied]
         if report.get("counters"):
             status["traffic"] = dict(report["counters"])
         missing = sorted(wls - set(templates or {})) if templates is not None else []
