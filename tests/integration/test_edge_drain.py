@@ -37,12 +37,15 @@ class FakeApi:
         self.reports: list[dict[str, Any]] = []
         self.using: list[dict[str, Any]] = [{"routing": [], "leaving": []}]
         self.asked = 0
+        self.down = False  # answer 503 to the question
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if request.method == "PUT" and request.url.path == "/v1/nodes/n1/edge":
             self.reports.append(json.loads(request.content))
             return httpx.Response(200, json={})
         if request.method == "GET" and request.url.path == "/v1/instances/ins_a/edges":
+            if self.down:
+                return httpx.Response(503, json={"status": 503, "detail": "busy, try later"})
             answer = self.using[min(self.asked, len(self.using) - 1)]
             self.asked += 1
             return httpx.Response(200, json={"instance": "ins_a", **answer})
@@ -170,6 +173,12 @@ def test_the_node_waits_for_the_other_edges_before_stopping() -> None:
     api.using = [{"routing": [], "leaving": [other]}]
     d, took = asyncio.run(run(api, 1.0))
     assert not d.drained and d.waited_for == {"n2"} and 0.9 <= took < 3.0
+
+    # the API can't answer: the drain is not called done, and says why
+    api = FakeApi()
+    api.down = True
+    d, took = asyncio.run(run(api, 1.0))
+    assert not d.drained and not d.waited_for and "busy, try later" in d.problem
 
     # no edge uses it: nothing to wait for
     api = FakeApi()

@@ -49,6 +49,7 @@ class Drain:
     open_here: int = 0
     waited_for: set[str] = field(default_factory=set)
     drained: bool = True
+    problem: str = ""  # why it could not be told whether the other edges are done
 
 
 def listeners(cfg: dict[str, Any]) -> list[Listener]:
@@ -164,7 +165,6 @@ class EdgeRunner:
         self.node_id = node_id
         self.edge = EdgeLoop()
         log.info("edge: proxying on its own %s loop", self.edge.kind)
-        self.routed: set[str] = set()  # instances that get new connections here
         self.applied = asyncio.Condition()
         self._bind_errors: dict[str, list[str]] = {}
         self._sent: Any = None
@@ -246,17 +246,17 @@ class EdgeRunner:
             for ep, msgs in errs.items():
                 log.warning("edge: endpoint %s: %s", ep, "; ".join(msgs))
         self._bind_errors = errs
+        before, routing = self._routing, dict[str, set[str]]()
+        for ln in ls:
+            routing.setdefault(ln.endpoint, set()).update(b.id for b in ln.backends)
         async with self.applied:
-            self.routed = {b.id for ln in ls for b in ln.backends}
+            self._routing = routing
             self.applied.notify_all()
         if not ls and self._local:  # nothing left to serve: leave the host as it was
             await make_local(self._local, remove=True)
             self._local = set()
         self._endpoints = {str(ep["endpoint"]) for ep in cfg.get("endpoints") or []}
         self._owner = {(ln.protocol, ln.address, ln.port): ln.endpoint for ln in ls}
-        before, self._routing = self._routing, {}
-        for ln in ls:
-            self._routing.setdefault(ln.endpoint, set()).update(b.id for b in ln.backends)
         for ep, ids in before.items():
             for iid in ids - self._routing.get(ep, set()):
                 if await self.edge.active(iid):
@@ -266,6 +266,10 @@ class EdgeRunner:
             ids -= self._routing.get(ep, set())
             if not ids:
                 del self._leaving[ep]
+
+    def _routes_to(self, iid: str) -> bool:
+        """Whether this edge sends new connections to instance *iid*."""
+        return any(iid in ids for ids in self._routing.values())
 
     def _watch(self, iid: str) -> None:
         """Report once the connections to *iid*, out of rotation, have ended."""
@@ -326,7 +330,7 @@ class EdgeRunner:
         async with self.applied:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self.applied.wait_for(lambda: instance_id not in self.routed),
+                    self.applied.wait_for(lambda: not self._routes_to(instance_id)),
                     max(0.1, min(5.0, deadline - time.monotonic())),
                 )
         out = Drain(open_here=await self.edge.active(instance_id))
@@ -346,6 +350,7 @@ class EdgeRunner:
                 return  # gone from the API: no edge is told to route to it
             except errors.CoveError as exc:
                 log.warning("drain: can't ask which edges use %s: %s", instance_id, exc.detail)
+                out.problem = f"could not ask the API which edges use it ({exc.detail})"
                 out.drained = False
                 return
             busy = {

@@ -562,9 +562,6 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
 
     # -- node agent side -------------------------------------------------------------------------
 
-    def own_instance(who: auth.Principal, ins_id: str) -> dict[str, Any]:
-        return own_instance_of(store, who, ins_id)
-
     @app.get("/v1/nodes/{node_id}/assignments", tags=["nodes"], summary="Instances placed here")
     async def assignments(
         node_id: str,
@@ -805,7 +802,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         """Lines are keyed by (instance, seq): resending a batch stores nothing twice."""
 
         def run() -> dict[str, Any]:
-            ins = own_instance(who, ins_id)
+            ins = own_instance_of(store, who, ins_id)
             row = store.get_row(ins_id)
             assert row is not None
             workload = ins["parent"]["name"] if ins.get("parent") else ""
@@ -858,7 +855,7 @@ def register(app: FastAPI, api: Any, master: MasterKey, pools: Pools) -> None:
         """The decrypted bundle version of the instance's release, only to its node."""
 
         def run() -> dict[str, Any]:
-            ins = own_instance(who, ins_id)
+            ins = own_instance_of(store, who, ins_id)
             rel = store.get_row(ins["spec"]["release"])
             ref = (rel["spec"] or {}).get("secrets") if rel is not None else None
             if not ref:
