@@ -536,6 +536,8 @@ class InstanceWorker:
                         what.append(f"{d.open_here} open connection(s) through this node's edge")
                     if d.waited_for:
                         what.append(f"the edge on {', '.join(sorted(d.waited_for))}")
+                    if d.problem:
+                        what.append(d.problem)
                     self._event(
                         "Normal" if d.drained else "Warning",
                         "Drained" if d.drained else "DrainTimeout",
